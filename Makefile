@@ -1,0 +1,42 @@
+# `make run` serves the demo; `make test` runs the whole suite. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: run test lint demo-token clean
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "KiteMesh needs Python 3.11 or newer")'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+run: $(VENV)/.installed
+	@mkdir -p var
+	$(PY) manage.py migrate --noinput
+	$(PY) manage.py apply_config config/demo.yaml
+	@token=$$($(PY) manage.py issue_token --team demo --name "demo-$$(date +%Y%m%d-%H%M%S)" 2>/dev/null | tail -n 1); \
+	echo; echo "Demo API token (shown once): $$token"; echo; \
+	echo "Try it:"; \
+	echo "  curl -s http://$(HOST):$(PORT)/v1/chat/completions \\"; \
+	echo "    -H 'Authorization: Bearer '$$token -H 'Content-Type: application/json' \\"; \
+	echo "    -d '{\"model\": \"group:00000000-0000-4000-8000-000000000001\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'"; \
+	echo
+	$(PY) -m uvicorn kitemesh_site.asgi:application --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest
+
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) var *.egg-info

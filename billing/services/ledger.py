@@ -1,0 +1,93 @@
+"""Every change to a team's credits: lock the account row, check, write the ledger entry, update the
+account — in one transaction. Nothing else writes CreditAccount."""
+
+import math
+from decimal import Decimal
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from billing.models import CreditAccount, Hold, LedgerEntry
+from chat.errors import InsufficientCredits, InvalidRequest
+from chat.models import Execution, Team
+
+
+def credits_round(exact: Decimal) -> int:
+    """The SPEC's single rounding: a request's exact cost, rounded up once."""
+    return math.ceil(exact)
+
+
+def _account_lock(team_id: int) -> CreditAccount:
+    """Lock the team's account row for the rest of the caller's transaction (the only lock billing takes)."""
+    CreditAccount.objects.get_or_create(team_id=team_id)
+    return CreditAccount.objects.select_for_update().get(team_id=team_id)
+
+
+def _entry_write(
+    account: CreditAccount, *, kind: str, amount: int, balance: int = 0, held: int = 0, **fields
+) -> LedgerEntry:
+    """Apply `balance`/`held` deltas to a locked account and record them. Assumes _account_lock."""
+    CreditAccount.objects.filter(pk=account.pk).update(balance=F("balance") + balance, held=F("held") + held)
+    account.balance += balance
+    account.held += held
+    return LedgerEntry.objects.create(
+        team_id=account.team_id,
+        kind=kind,
+        amount=amount,
+        balance_after=account.balance,
+        held_after=account.held,
+        **fields,
+    )
+
+
+@transaction.atomic
+def credits_grant(
+    *, team: Team, amount: int, reason: str, actor: AbstractBaseUser | None = None, kind: str = LedgerEntry.Kind.GRANT
+) -> LedgerEntry:
+    """Add credits (grant, refund) or move them either way (adjustment, which needs a reason)."""
+    if kind == LedgerEntry.Kind.ADJUSTMENT:
+        if not reason.strip():
+            raise InvalidRequest("An adjustment needs a reason.", param="reason")
+    elif amount <= 0:
+        raise InvalidRequest("A grant must be a positive number of credits.", param="amount")
+    account = _account_lock(team.pk)
+    if account.balance + amount < 0:
+        raise InsufficientCredits(f"The adjustment would take the balance below zero ({account.balance}).")
+    return _entry_write(account, kind=kind, amount=amount, balance=amount, reason=reason, actor=actor)
+
+
+def hold_create(*, execution: Execution, amount: int) -> Hold:
+    """Reserve `amount` for the execution, or raise InsufficientCredits. Runs inside the caller's
+    transaction (the one that creates the execution), taking the account lock."""
+    account = _account_lock(execution.team_id)
+    if account.available < amount:
+        raise InsufficientCredits(
+            f"This request may cost up to {amount} credits; the team has {max(account.available, 0)} available."
+        )
+    hold = Hold.objects.create(team_id=execution.team_id, execution=execution, amount=amount)
+    _entry_write(account, kind=LedgerEntry.Kind.HOLD, amount=amount, held=amount, execution=execution)
+    return hold
+
+
+def hold_settle(*, hold: Hold, cost: Decimal) -> int:
+    """Release the hold and charge the execution's cost, rounded up once; returns the credits charged.
+    Runs inside the caller's transaction. The charge is capped at what other holds leave available, so
+    the balance never goes below zero and never eats another request's reservation (the hold covered
+    the worst case, so a cap only bites when an upstream ignored max_tokens)."""
+    updated = Hold.objects.filter(pk=hold.pk, status=Hold.Status.ACTIVE).update(
+        status=Hold.Status.SETTLED, settled_at=timezone.now()
+    )
+    if not updated:
+        return 0
+    account = _account_lock(hold.team_id)
+    _entry_write(
+        account, kind=LedgerEntry.Kind.RELEASE, amount=hold.amount, held=-hold.amount, execution_id=hold.execution_id
+    )
+    charge = min(credits_round(cost), account.available)
+    if charge > 0:
+        _entry_write(
+            account, kind=LedgerEntry.Kind.CHARGE, amount=-charge, balance=-charge, execution_id=hold.execution_id
+        )
+    return charge

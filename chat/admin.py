@@ -1,0 +1,119 @@
+from django import forms
+from django.contrib import admin
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import render
+from django.urls import reverse
+
+from chat.models import ApiToken, CustomModel, Execution, Group, GroupAgent, Step, Team, Tool, VaultSecret
+from chat.services.tokens import token_secret_new
+from chat.services.vault import vault_encrypt
+
+
+@admin.register(Team)
+class TeamAdmin(admin.ModelAdmin):
+    list_display = ["name", "created_at"]
+    search_fields = ["name"]
+    filter_horizontal = ["members"]
+
+
+class VaultSecretForm(forms.ModelForm):
+    value = forms.CharField(
+        widget=forms.PasswordInput(render_value=False),
+        required=False,
+        help_text="Write-only. Leave empty to keep the current value; a new value rotates the secret in place.",
+    )
+
+    class Meta:
+        model = VaultSecret
+        fields = ["team", "name", "description"]
+
+    def clean(self) -> dict:
+        data = super().clean()
+        if not self.instance.pk and not data.get("value"):
+            self.add_error("value", "A new secret needs a value.")
+        return data
+
+
+@admin.register(VaultSecret)
+class VaultSecretAdmin(admin.ModelAdmin):
+    form = VaultSecretForm
+    list_display = ["name", "team", "description", "created_at", "rotated_at"]
+    list_filter = ["team"]
+
+    def save_model(self, request: HttpRequest, obj: VaultSecret, form: VaultSecretForm, change: bool) -> None:
+        if form.cleaned_data.get("value"):
+            from django.utils import timezone
+
+            obj.ciphertext = vault_encrypt(form.cleaned_data["value"])
+            if change:
+                obj.rotated_at = timezone.now()
+        super().save_model(request, obj, form, change)
+
+
+@admin.register(CustomModel)
+class CustomModelAdmin(admin.ModelAdmin):
+    list_display = ["name", "team", "provider", "model", "input_per_1k", "output_per_1k"]
+    list_filter = ["team", "provider"]
+
+
+@admin.register(Tool)
+class ToolAdmin(admin.ModelAdmin):
+    list_display = ["name", "team", "method", "url", "requires_approval", "price"]
+    list_filter = ["team", "requires_approval"]
+
+
+class GroupAgentInline(admin.TabularInline):
+    model = GroupAgent
+    extra = 0
+
+
+@admin.register(Group)
+class GroupAdmin(admin.ModelAdmin):
+    list_display = ["name", "id", "team", "brain", "mode", "approval_style"]
+    list_filter = ["team", "mode"]
+    filter_horizontal = ["tools"]
+    inlines = [GroupAgentInline]
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    """The secret is generated on add and shown on the next page only; it is never stored in clear."""
+
+    list_display = ["name", "team", "prefix", "created_at", "expires_at", "revoked_at"]
+    list_filter = ["team"]
+    readonly_fields = ["prefix", "created_at"]
+    filter_horizontal = ["groups", "excluded_groups", "tools", "excluded_tools"]
+
+    def save_model(self, request: HttpRequest, obj: ApiToken, form: forms.ModelForm, change: bool) -> None:
+        if not change:
+            obj._new_secret, obj.prefix, obj.secret_hash = token_secret_new()
+        super().save_model(request, obj, form, change)
+
+    def response_add(self, request: HttpRequest, obj: ApiToken, post_url_continue: str | None = None) -> HttpResponse:
+        context = {
+            **self.admin_site.each_context(request),
+            "token": obj,
+            "secret": obj._new_secret,
+            "list_url": reverse("admin:chat_apitoken_changelist"),
+        }
+        return render(request, "admin/chat/apitoken/created.html", context)
+
+
+class StepInline(admin.TabularInline):
+    model = Step
+    extra = 0
+    can_delete = False
+    readonly_fields = [f.name for f in Step._meta.fields]
+
+
+@admin.register(Execution)
+class ExecutionAdmin(admin.ModelAdmin):
+    list_display = ["id", "team", "group", "mode", "status", "credits_charged", "created_at"]
+    list_filter = ["team", "status", "mode"]
+    inlines = [StepInline]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Execution | None = None) -> bool:
+        return False

@@ -1,0 +1,247 @@
+"""Model providers: an OpenAI-compatible upstream over httpx (pooled, streaming) and the offline
+`scripted` model. Both answer `complete()` with a ModelReply and `stream()` with text deltas then one
+ModelReply."""
+
+import asyncio
+import json
+import logging
+import math
+import time
+import weakref
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import httpx
+from django.conf import settings
+
+from chat.errors import UpstreamError, UpstreamTimeout
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelEndpoint:
+    """What a call needs to know about a custom model, read once from the database."""
+
+    name: str
+    provider: str
+    base_url: str
+    model: str
+    api_key: str | None = None
+    timeout_seconds: float | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    estimated: bool = False
+
+
+@dataclass
+class ModelReply:
+    content: str | None
+    finish_reason: str
+    usage: Usage
+    tool_calls: list[dict] = field(default_factory=list)
+
+
+class Provider(Protocol):
+    async def complete(self, endpoint: ModelEndpoint, messages: list[dict], params: dict) -> ModelReply: ...
+
+    def stream(
+        self, endpoint: ModelEndpoint, messages: list[dict], params: dict
+    ) -> AsyncIterator[str | ModelReply]: ...
+
+
+def tokens_estimate(text_length: int) -> int:
+    """The SPEC's estimate when an upstream reports no usage: ceil(characters / 4)."""
+    return math.ceil(text_length / 4)
+
+
+def message_text(message: dict) -> str:
+    content = message.get("content")
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content)
+    text = content or ""
+    for call in message.get("tool_calls") or ():
+        text += call["function"]["name"] + call["function"]["arguments"]
+    return text
+
+
+def prompt_length(messages: list[dict]) -> int:
+    return sum(len(message_text(m)) for m in messages)
+
+
+# --- OpenAI-compatible upstreams ------------------------------------------------------------------
+
+# One pooled client per event loop: httpx connections belong to the loop that opened them.
+_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient]" = weakref.WeakKeyDictionary()
+
+
+def _client() -> httpx.AsyncClient:
+    loop = asyncio.get_running_loop()
+    client = _clients.get(loop)
+    if client is None:
+        client = _clients[loop] = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+            timeout=httpx.Timeout(
+                settings.KITEMESH_UPSTREAM_READ_TIMEOUT, connect=settings.KITEMESH_UPSTREAM_CONNECT_TIMEOUT
+            ),
+        )
+    return client
+
+
+class OpenAIProvider:
+    def _request(self, endpoint: ModelEndpoint, messages: list[dict], params: dict, stream: bool) -> httpx.Request:
+        payload = {"model": endpoint.model, "messages": messages, **params}
+        if stream:
+            payload["stream"] = True
+            payload["stream_options"] = {"include_usage": True}
+        headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
+        timeout = httpx.Timeout(
+            endpoint.timeout_seconds or settings.KITEMESH_UPSTREAM_READ_TIMEOUT,
+            connect=settings.KITEMESH_UPSTREAM_CONNECT_TIMEOUT,
+        )
+        url = endpoint.base_url.rstrip("/") + "/chat/completions"
+        return _client().build_request("POST", url, json=payload, headers=headers, timeout=timeout)
+
+    @staticmethod
+    def _status_error(endpoint: ModelEndpoint, response: httpx.Response) -> UpstreamError:
+        # The upstream's body can quote our API key back; log its length only, never echo it.
+        logger.warning("upstream %s answered HTTP %s", endpoint.name, response.status_code)
+        return UpstreamError(f"The upstream model {endpoint.name!r} answered HTTP {response.status_code}.")
+
+    @staticmethod
+    def _transport_error(endpoint: ModelEndpoint, exc: httpx.HTTPError) -> UpstreamError:
+        if isinstance(exc, httpx.TimeoutException):
+            return UpstreamTimeout(f"The upstream model {endpoint.name!r} did not answer in time.")
+        return UpstreamError(f"The upstream model {endpoint.name!r} could not be reached ({type(exc).__name__}).")
+
+    async def complete(self, endpoint: ModelEndpoint, messages: list[dict], params: dict) -> ModelReply:
+        try:
+            response = await _client().send(self._request(endpoint, messages, params, stream=False))
+        except httpx.HTTPError as exc:
+            raise self._transport_error(endpoint, exc) from None
+        if response.status_code >= 400:
+            raise self._status_error(endpoint, response)
+        try:
+            body = response.json()
+            choice = body["choices"][0]
+            message = choice.get("message") or {}
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise UpstreamError(f"The upstream model {endpoint.name!r} sent a malformed response.") from None
+        content = message.get("content")
+        reported = body.get("usage") or {}
+        return ModelReply(
+            content=content,
+            finish_reason=choice.get("finish_reason") or "stop",
+            tool_calls=message.get("tool_calls") or [],
+            usage=_usage(reported, messages, len(content or "")),
+        )
+
+    async def stream(
+        self, endpoint: ModelEndpoint, messages: list[dict], params: dict
+    ) -> AsyncIterator[str | ModelReply]:
+        parts: list[str] = []
+        tool_calls: dict[int, dict] = {}
+        finish_reason, reported = "stop", {}
+        try:
+            response = await _client().send(self._request(endpoint, messages, params, stream=True), stream=True)
+        except httpx.HTTPError as exc:
+            raise self._transport_error(endpoint, exc) from None
+        try:
+            if response.status_code >= 400:
+                raise self._status_error(endpoint, response)
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    raise UpstreamError(f"The upstream model {endpoint.name!r} sent a malformed stream.") from None
+                reported = chunk.get("usage") or reported
+                for choice in chunk.get("choices") or ():
+                    delta = choice.get("delta") or {}
+                    if delta.get("content"):
+                        parts.append(delta["content"])
+                        yield delta["content"]
+                    for call in delta.get("tool_calls") or ():
+                        _tool_call_merge(tool_calls, call)
+                    finish_reason = choice.get("finish_reason") or finish_reason
+        except httpx.HTTPError as exc:
+            raise self._transport_error(endpoint, exc) from None
+        finally:
+            await response.aclose()
+        content = "".join(parts)
+        yield ModelReply(
+            content=content or None,
+            finish_reason=finish_reason,
+            tool_calls=[tool_calls[i] for i in sorted(tool_calls)],
+            usage=_usage(reported, messages, len(content)),
+        )
+
+
+def _tool_call_merge(calls: dict[int, dict], piece: dict) -> None:
+    """Assemble a streamed tool call: id and name arrive once, arguments in fragments."""
+    call = calls.setdefault(
+        piece.get("index", len(calls)), {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+    )
+    call["id"] = piece.get("id") or call["id"]
+    fn = piece.get("function") or {}
+    call["function"]["name"] += fn.get("name") or ""
+    call["function"]["arguments"] += fn.get("arguments") or ""
+
+
+def _usage(reported: dict, messages: list[dict], completion_length: int) -> Usage:
+    if isinstance(reported.get("prompt_tokens"), int) and isinstance(reported.get("completion_tokens"), int):
+        return Usage(reported["prompt_tokens"], reported["completion_tokens"])
+    return Usage(tokens_estimate(prompt_length(messages)), tokens_estimate(completion_length), estimated=True)
+
+
+# --- The offline scripted model -------------------------------------------------------------------
+
+
+class ScriptedProvider:
+    """Deterministic and offline (rules in README, "The scripted model"):
+    - the reply is `Scripted reply: <last user message>`; a system instruction is not echoed;
+    - a last user message containing `!fail` makes the call fail like an upstream answering HTTP 500;
+    - `max_tokens` cuts the reply to that many tokens (4 characters each) with finish_reason `length`;
+    - usage counts ceil(characters / 4) of the prompt and of the reply;
+    - streams one word per chunk.
+    """
+
+    async def complete(self, endpoint: ModelEndpoint, messages: list[dict], params: dict) -> ModelReply:
+        last_user = next((message_text(m) for m in reversed(messages) if m["role"] == "user"), "")
+        if "!fail" in last_user:
+            raise UpstreamError(f"The upstream model {endpoint.name!r} answered HTTP 500.")
+        content, finish_reason = f"Scripted reply: {last_user}", "stop"
+        max_tokens = params.get("max_tokens")
+        if max_tokens and len(content) > max_tokens * 4:
+            content, finish_reason = content[: max_tokens * 4], "length"
+        usage = Usage(tokens_estimate(prompt_length(messages)), tokens_estimate(len(content)))
+        return ModelReply(content=content, finish_reason=finish_reason, usage=usage)
+
+    async def stream(
+        self, endpoint: ModelEndpoint, messages: list[dict], params: dict
+    ) -> AsyncIterator[str | ModelReply]:
+        reply = await self.complete(endpoint, messages, params)
+        words = (reply.content or "").split(" ")
+        for i, word in enumerate(words):
+            yield word if i == len(words) - 1 else word + " "
+        yield reply
+
+
+PROVIDERS: dict[str, Provider] = {"openai": OpenAIProvider(), "scripted": ScriptedProvider()}
+
+
+def provider_for(endpoint: ModelEndpoint) -> Provider:
+    return PROVIDERS[endpoint.provider]
+
+
+def monotonic_ms(start: float) -> int:
+    return int((time.monotonic() - start) * 1000)

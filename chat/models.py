@@ -1,0 +1,271 @@
+"""Configuration (teams, vault secrets, custom models, tools, groups, API tokens) and the record of
+every run (executions and their steps)."""
+
+import uuid
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+
+class Team(models.Model):
+    name = models.CharField(max_length=100, unique=True)
+    members = models.ManyToManyField(settings.AUTH_USER_MODEL, blank=True, related_name="teams")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class VaultSecret(models.Model):
+    """A team's secret, Fernet-encrypted at rest (chat.services.vault); the clear value never leaves
+    the process except to the upstream or tool that needs it."""
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="secrets")
+    name = models.CharField(max_length=100)
+    description = models.CharField(max_length=300, blank=True)
+    ciphertext = models.BinaryField(editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    rotated_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["team", "name"], name="vault_secret_unique_name")]
+
+    def __str__(self) -> str:
+        return f"{self.team.name}/{self.name}"
+
+
+class CustomModel(models.Model):
+    class Provider(models.TextChoices):
+        OPENAI = "openai", "OpenAI-compatible"
+        SCRIPTED = "scripted", "Scripted (offline)"
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="custom_models")
+    name = models.CharField(max_length=100)
+    provider = models.CharField(max_length=20, choices=Provider.choices, default=Provider.OPENAI)
+    base_url = models.URLField(max_length=500, blank=True)
+    model = models.CharField(max_length=200, help_text="Model name sent upstream.")
+    api_key_secret = models.ForeignKey(
+        VaultSecret, null=True, blank=True, on_delete=models.PROTECT, related_name="custom_models"
+    )
+    system = models.TextField(blank=True, help_text="System instruction placed first in every call.")
+    input_per_1k = models.DecimalField(max_digits=12, decimal_places=4, default=Decimal(0))
+    output_per_1k = models.DecimalField(max_digits=12, decimal_places=4, default=Decimal(0))
+    timeout_seconds = models.FloatField(null=True, blank=True, help_text="Read timeout; default from settings.")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["team", "name"], name="custom_model_unique_name"),
+            models.CheckConstraint(
+                condition=Q(input_per_1k__gte=0, output_per_1k__gte=0), name="custom_model_prices_positive"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.team.name}/{self.name}"
+
+
+class Tool(models.Model):
+    class Method(models.TextChoices):
+        GET = "GET"
+        POST = "POST"
+        PUT = "PUT"
+        PATCH = "PATCH"
+        DELETE = "DELETE"
+        HEAD = "HEAD"
+
+    class AuthType(models.TextChoices):
+        NONE = "none"
+        BEARER = "bearer"
+        HEADER = "header"
+
+    class Approver(models.TextChoices):
+        ANY = "any", "API client or UI"
+        HUMAN = "human", "UI only"
+
+    class Risk(models.TextChoices):
+        LOW = "low"
+        MEDIUM = "medium"
+        HIGH = "high"
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="tools")
+    name = models.CharField(max_length=64, help_text="Function name offered to the model.")
+    description = models.TextField(blank=True)
+    method = models.CharField(max_length=8, choices=Method.choices, default=Method.POST)
+    url = models.URLField(max_length=1000)
+    parameters = models.JSONField(default=dict, blank=True, help_text="JSON schema of the arguments.")
+    auth_type = models.CharField(max_length=10, choices=AuthType.choices, default=AuthType.NONE)
+    auth_header = models.CharField(max_length=100, blank=True, help_text="Header name for auth type 'header'.")
+    auth_secret = models.ForeignKey(VaultSecret, null=True, blank=True, on_delete=models.PROTECT, related_name="tools")
+    requires_approval = models.BooleanField(default=False)
+    approver = models.CharField(max_length=10, choices=Approver.choices, default=Approver.ANY)
+    risk = models.CharField(max_length=10, choices=Risk.choices, blank=True, help_text="Overrides the method's.")
+    price = models.DecimalField(max_digits=12, decimal_places=4, default=Decimal(0))
+    tags = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["team", "name"], name="tool_unique_name"),
+            models.CheckConstraint(condition=Q(price__gte=0), name="tool_price_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.team.name}/{self.name}"
+
+
+class Mode(models.TextChoices):
+    AUTO = "auto"
+    NORMAL = "normal"
+    SYNTHESIS = "synthesis"
+    ORCHESTRATION = "orchestration"
+
+
+class Group(models.Model):
+    class ApprovalStyle(models.TextChoices):
+        PER_TOOL = "per_tool", "Per tool"
+        BATCH = "batch", "Batch (all or nothing)"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4)
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="groups")
+    name = models.CharField(max_length=100)
+    brain = models.ForeignKey(CustomModel, on_delete=models.PROTECT, related_name="brain_of")
+    tools = models.ManyToManyField(Tool, blank=True, related_name="groups")
+    mode = models.CharField(max_length=20, choices=Mode.choices, default=Mode.NORMAL)
+    approval_style = models.CharField(max_length=10, choices=ApprovalStyle.choices, default=ApprovalStyle.PER_TOOL)
+    approval_ttl_seconds = models.PositiveIntegerField(default=900)
+    max_output_tokens = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Output-token cap when the client gives none; default from settings."
+    )
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["team", "name"], name="group_unique_name")]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.id})"
+
+    @property
+    def model_id(self) -> str:
+        """The `model` value clients send for this group."""
+        return f"group:{self.id}"
+
+
+class GroupAgent(models.Model):
+    group = models.ForeignKey(Group, on_delete=models.CASCADE, related_name="agents")
+    name = models.CharField(max_length=64, help_text="How the brain names this agent; defaults to the model's.")
+    model = models.ForeignKey(CustomModel, on_delete=models.PROTECT, related_name="agent_of")
+    role = models.TextField(blank=True, help_text="Role/instruction that overrides the model's system.")
+    position = models.PositiveSmallIntegerField(default=0)
+
+    class Meta:
+        ordering = ["position", "id"]
+        constraints = [models.UniqueConstraint(fields=["group", "name"], name="group_agent_unique_name")]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ApiToken(models.Model):
+    """A `km_…` bearer token. Only `prefix` is kept in clear (for lookup); the secret is a SHA-256 hash.
+    An empty group or tool selection means all of the team's, minus the exclusions."""
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=16, unique=True, editable=False)
+    secret_hash = models.CharField(max_length=64, editable=False)
+    groups = models.ManyToManyField(Group, blank=True, related_name="+")
+    excluded_groups = models.ManyToManyField(Group, blank=True, related_name="+")
+    tools = models.ManyToManyField(Tool, blank=True, related_name="+")
+    excluded_tools = models.ManyToManyField(Tool, blank=True, related_name="+")
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["team", "name"], condition=Q(revoked_at=None), name="api_token_unique_active_name"
+            )
+        ]
+
+    # The token is DRF's principal for API requests (chat.authentication).
+    is_authenticated = True
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+
+class Execution(models.Model):
+    """One request (and its resumes) run through a group."""
+
+    class Status(models.TextChoices):
+        RUNNING = "running"
+        PAUSED = "paused"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4)
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="executions")
+    group = models.ForeignKey(Group, on_delete=models.SET_NULL, null=True, related_name="executions")
+    token = models.ForeignKey(ApiToken, on_delete=models.SET_NULL, null=True, related_name="executions")
+    request_id = models.CharField(max_length=128)
+    client_request_id = models.BooleanField(default=False, help_text="request_id came from the client.")
+    request_hash = models.CharField(max_length=64, blank=True)
+    mode = models.CharField(max_length=20, choices=Mode.choices)
+    stream = models.BooleanField(default=False)
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.RUNNING)
+    metadata = models.JSONField(default=dict, blank=True)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    credits_charged = models.PositiveIntegerField(default=0)
+    response = models.JSONField(null=True, blank=True, help_text="Non-stream response body, for replays.")
+    error = models.JSONField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["team", "-created_at"])]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["team", "request_id"], condition=Q(client_request_id=True), name="execution_idempotency_key"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return str(self.id)
+
+
+class Step(models.Model):
+    """One model call or tool run inside an execution."""
+
+    class Kind(models.TextChoices):
+        MODEL_CALL = "model_call"
+        TOOL_CALL = "tool_call"
+
+    class Status(models.TextChoices):
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    execution = models.ForeignKey(Execution, on_delete=models.CASCADE, related_name="steps")
+    kind = models.CharField(max_length=20, choices=Kind.choices)
+    agent = models.CharField(max_length=64, blank=True, help_text="Agent name; blank for the brain.")
+    custom_model = models.ForeignKey(CustomModel, null=True, blank=True, on_delete=models.SET_NULL)
+    model_name = models.CharField(max_length=200, blank=True)
+    status = models.CharField(max_length=20, choices=Status.choices)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    usage_estimated = models.BooleanField(default=False)
+    cost = models.DecimalField(
+        max_digits=18, decimal_places=6, default=Decimal(0), help_text="Exact credits before rounding."
+    )
+    latency_ms = models.PositiveIntegerField(default=0)
+    error = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.model_name} ({self.status})"

@@ -1,0 +1,120 @@
+"""Executions: start one (idempotency check, record, credit hold) and finish it (steps, settle,
+outcome) — each one short transaction, so no transaction stays open while a model answers."""
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from billing.models import Hold
+from billing.services.ledger import hold_create, hold_settle
+from chat.errors import ApiError, Conflict
+from chat.models import ApiToken, Execution, Group, Step
+
+
+@dataclass
+class ExecutionStart:
+    execution: Execution
+    hold: Hold | None
+    replayed: bool = False
+
+
+def _earlier_for_request_id(*, team_id: int, request_id: str, body_hash: str) -> Execution | None:
+    earlier = Execution.objects.filter(team_id=team_id, request_id=request_id, client_request_id=True).first()
+    if earlier is None:
+        return None
+    if earlier.request_hash != body_hash:
+        raise Conflict(
+            "This request_id was already used with a different body.",
+            param="metadata.request_id",
+            code="request_id_conflict",
+        )
+    if earlier.status == Execution.Status.RUNNING:
+        raise Conflict(
+            "A request with this request_id is still running; retry when it has finished.",
+            param="metadata.request_id",
+            code="request_id_conflict",
+        )
+    return earlier
+
+
+def execution_start(
+    *,
+    token: ApiToken,
+    group: Group,
+    mode: str,
+    request_id: str,
+    client_request_id: bool,
+    body_hash: str,
+    stream: bool,
+    metadata: dict,
+    hold_amount: int,
+) -> ExecutionStart:
+    """Record the execution and hold its worst case (InsufficientCredits when the team cannot cover it).
+    A client request_id seen before returns the earlier execution instead (replayed=True)."""
+    if client_request_id:
+        earlier = _earlier_for_request_id(team_id=group.team_id, request_id=request_id, body_hash=body_hash)
+        if earlier is not None:
+            return ExecutionStart(execution=earlier, hold=None, replayed=True)
+    try:
+        with transaction.atomic(durable=True):
+            execution = Execution.objects.create(
+                team_id=group.team_id,
+                group=group,
+                token=token,
+                request_id=request_id,
+                client_request_id=client_request_id,
+                request_hash=body_hash,
+                mode=mode,
+                stream=stream,
+                metadata=metadata,
+            )
+            hold = hold_create(execution=execution, amount=hold_amount) if hold_amount > 0 else None
+    except IntegrityError:
+        # A concurrent request with the same request_id won the insert: it is in flight.
+        raise Conflict(
+            "A request with this request_id is still running; retry when it has finished.",
+            param="metadata.request_id",
+            code="request_id_conflict",
+        ) from None
+    return ExecutionStart(execution=execution, hold=hold)
+
+
+@transaction.atomic(durable=True)
+def execution_finish(
+    *,
+    execution: Execution,
+    hold: Hold | None,
+    steps: list[Step],
+    status: str,
+    response: dict | None = None,
+    error: ApiError | None = None,
+) -> int:
+    """Write the steps, settle the hold into one charge, record the outcome; returns credits charged.
+    A `response` body gets its final `kitemesh.credits_charged` here, so a replay shows the same."""
+    Step.objects.bulk_create(steps)
+    cost = sum((s.cost for s in steps), Decimal(0))
+    charged = hold_settle(hold=hold, cost=cost) if hold is not None else 0
+    execution.status = status
+    execution.prompt_tokens = sum(s.prompt_tokens for s in steps)
+    execution.completion_tokens = sum(s.completion_tokens for s in steps)
+    execution.credits_charged = charged
+    execution.finished_at = timezone.now()
+    if response is not None:
+        response["kitemesh"]["credits_charged"] = charged
+    execution.response = response
+    if error is not None:
+        execution.error = {"status": error.status, "type": error.type, "code": error.code, "message": error.message}
+    execution.save(
+        update_fields=[
+            "status",
+            "prompt_tokens",
+            "completion_tokens",
+            "credits_charged",
+            "finished_at",
+            "response",
+            "error",
+        ]
+    )
+    return charged

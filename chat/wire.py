@@ -1,0 +1,329 @@
+"""OpenAI wire shapes: the chat request parsed and validated, the response and chunk builders, and
+the one error envelope every API error is rendered in."""
+
+import hashlib
+import json
+import logging
+import math
+import secrets
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.http import HttpRequest, JsonResponse
+from rest_framework import exceptions as drf_exceptions
+from rest_framework.response import Response
+
+from chat.errors import ApiError, AuthenticationError, InvalidRequest, NotFound
+from chat.models import Mode
+
+logger = logging.getLogger(__name__)
+
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+PASSTHROUGH_FIELDS = ("top_p", "stop", "seed", "response_format", "user")
+MISSING_TOKEN_MESSAGE = "Missing Bearer API token"
+
+
+def request_id_new() -> str:
+    return "req_" + secrets.token_hex(12)
+
+
+@dataclass
+class ChatRequest:
+    """A validated chat completions (or resume) body."""
+
+    group_id: uuid.UUID
+    messages: list[dict]
+    stream: bool = False
+    max_tokens: int | None = None
+    temperature: float | None = None
+    mode: str | None = None
+    request_id: str | None = None
+    metadata: dict = field(default_factory=dict)
+    include_usage: bool = False
+    passthrough: dict = field(default_factory=dict)
+    body_hash: str = ""
+
+    @property
+    def model(self) -> str:
+        return f"group:{self.group_id}"
+
+    def upstream_params(self) -> dict:
+        params = dict(self.passthrough)
+        if self.temperature is not None:
+            params["temperature"] = self.temperature
+        return params
+
+
+def _fail(message: str, param: str | None) -> InvalidRequest:
+    return InvalidRequest(message, param=param)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def body_parse(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise InvalidRequest(f"The body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("The body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def _content_check(content: Any, param: str, *, nullable: bool) -> None:
+    if content is None:
+        if not nullable:
+            raise _fail("content must be a string or a list of text parts.", param)
+        return
+    if isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise _fail("content must be a string, a list of text parts, or null.", param)
+    for i, part in enumerate(content):
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            raise _fail('Each content part must be {"type": "text", "text": "…"}.', f"{param}.{i}")
+
+
+def _tool_calls_check(tool_calls: Any, param: str) -> None:
+    if not isinstance(tool_calls, list) or not tool_calls:
+        raise _fail("tool_calls must be a non-empty array.", param)
+    for i, call in enumerate(tool_calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not (
+            isinstance(call.get("id"), str)
+            and isinstance(fn, dict)
+            and isinstance(fn.get("name"), str)
+            and isinstance(fn.get("arguments"), str)
+        ):
+            raise _fail("Each tool call needs id, type 'function' and function.name/arguments strings.", f"{param}.{i}")
+
+
+def _messages_check(messages: Any) -> list[dict]:
+    if messages is None:
+        raise _fail("messages is required.", "messages")
+    if not isinstance(messages, list) or not messages:
+        raise _fail("messages must be a non-empty array.", "messages")
+    for i, message in enumerate(messages):
+        param = f"messages.{i}"
+        if not isinstance(message, dict):
+            raise _fail("Each message must be an object.", param)
+        role = message.get("role")
+        if role not in ROLES:
+            raise _fail(f"role must be one of {', '.join(sorted(ROLES))}.", f"{param}.role")
+        if "content" not in message and not (role == "assistant" and message.get("tool_calls")):
+            raise _fail("content is required.", f"{param}.content")
+        has_tool_calls = role == "assistant" and message.get("tool_calls") is not None
+        if has_tool_calls:
+            _tool_calls_check(message["tool_calls"], f"{param}.tool_calls")
+        _content_check(message.get("content"), f"{param}.content", nullable=has_tool_calls)
+        if role == "tool" and not isinstance(message.get("tool_call_id"), str):
+            raise _fail("A tool message needs a tool_call_id string.", f"{param}.tool_call_id")
+    if not any(m["role"] == "user" for m in messages):
+        raise _fail("messages must contain at least one user message.", "messages")
+    return messages
+
+
+def _group_id_parse(model: Any) -> uuid.UUID:
+    if model is None:
+        raise _fail("model is required.", "model")
+    if not isinstance(model, str) or not model.startswith("group:"):
+        raise _fail("model must be 'group:<uuid>'.", "model")
+    try:
+        return uuid.UUID(model.removeprefix("group:"))
+    except ValueError as exc:
+        raise _fail("model must be 'group:<uuid>'.", "model") from exc
+
+
+def _metadata_parse(metadata: Any) -> tuple[dict, str | None, str | None]:
+    if metadata is None:
+        return {}, None, None
+    if not isinstance(metadata, dict):
+        raise _fail("metadata must be an object.", "metadata")
+    request_id = metadata.get("request_id")
+    if request_id is not None and not (isinstance(request_id, str) and 0 < len(request_id) <= 128):
+        raise _fail("request_id must be a non-empty string of at most 128 characters.", "metadata.request_id")
+    mode = metadata.get("mode")
+    if mode is not None and mode not in Mode.values:
+        raise _fail(f"mode must be one of {', '.join(Mode.values)}.", "metadata.mode")
+    extra = {k: v for k, v in metadata.items() if k not in ("request_id", "mode")}
+    return extra, request_id, mode
+
+
+def _passthrough_check(body: dict) -> dict:
+    rules = {
+        "top_p": (lambda v: _is_number(v) and 0 <= v <= 1, "top_p must be a number from 0 to 1."),
+        "stop": (
+            lambda v: (
+                isinstance(v, str) or (isinstance(v, list) and len(v) <= 4 and all(isinstance(s, str) for s in v))
+            ),
+            "stop must be a string or an array of at most 4 strings.",
+        ),
+        "seed": (_is_int, "seed must be an integer."),
+        "response_format": (
+            lambda v: isinstance(v, dict) and isinstance(v.get("type"), str),
+            "response_format must be an object with a type.",
+        ),
+        "user": (lambda v: isinstance(v, str), "user must be a string."),
+    }
+    passthrough = {}
+    for name in PASSTHROUGH_FIELDS:
+        if body.get(name) is not None:
+            valid, message = rules[name]
+            if not valid(body[name]):
+                raise _fail(message, name)
+            passthrough[name] = body[name]
+    return passthrough
+
+
+def _max_tokens_parse(body: dict) -> int | None:
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if value is not None and not (_is_int(value) and value > 0):
+            raise _fail(f"{name} must be a positive integer.", name)
+    return body.get("max_completion_tokens") or body.get("max_tokens")
+
+
+def chat_request_parse(body: dict) -> ChatRequest:
+    """Validate a completions body; every violation is a 400 naming its field."""
+    group_id = _group_id_parse(body.get("model"))
+    messages = _messages_check(body.get("messages"))
+    stream = body.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise _fail("stream must be a boolean.", "stream")
+    temperature = body.get("temperature")
+    if temperature is not None and not (_is_number(temperature) and 0 <= temperature <= 2):
+        raise _fail("temperature must be a number from 0 to 2.", "temperature")
+    stream_options = body.get("stream_options")
+    if stream_options is not None and not isinstance(stream_options, dict):
+        raise _fail("stream_options must be an object.", "stream_options")
+    include_usage = (stream_options or {}).get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise _fail("include_usage must be a boolean.", "stream_options.include_usage")
+    metadata, request_id, mode = _metadata_parse(body.get("metadata"))
+    return ChatRequest(
+        group_id=group_id,
+        messages=messages,
+        stream=bool(stream),
+        max_tokens=_max_tokens_parse(body),
+        temperature=temperature,
+        mode=mode,
+        request_id=request_id,
+        metadata=metadata,
+        include_usage=include_usage,
+        passthrough=_passthrough_check(body),
+        body_hash=hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest(),
+    )
+
+
+# --- Responses ------------------------------------------------------------------------------------
+
+
+def usage_body(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_body(
+    *, completion_id: str, created: int, model: str, message: dict, finish_reason: str, usage: dict, kitemesh: dict
+) -> dict:
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
+        "usage": usage,
+        "kitemesh": kitemesh,
+    }
+
+
+def chunk_body(
+    *,
+    completion_id: str,
+    created: int,
+    model: str,
+    delta: dict | None = None,
+    finish_reason: str | None = None,
+    usage: dict | None = None,
+    kitemesh: dict | None = None,
+) -> dict:
+    """A `chat.completion.chunk`; with `usage` and no delta it is the include_usage chunk (empty choices)."""
+    chunk: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
+    if delta is None and usage is not None:
+        chunk["choices"] = []
+    else:
+        chunk["choices"] = [{"index": 0, "delta": delta or {}, "finish_reason": finish_reason}]
+    if usage is not None:
+        chunk["usage"] = usage
+    if kitemesh is not None:
+        chunk["kitemesh"] = kitemesh
+    return chunk
+
+
+def sse_event(data: dict | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()
+
+
+SSE_DONE = sse_event("[DONE]")
+
+
+# --- Errors ---------------------------------------------------------------------------------------
+
+
+def error_body(error: ApiError, request_id: str) -> dict:
+    body: dict[str, Any] = {"message": error.message, "type": error.type, "code": error.code}
+    if error.param is not None:
+        body["param"] = error.param
+    body["request_id"] = request_id
+    return {"error": body}
+
+
+def request_id_of(request: HttpRequest) -> str:
+    request_id = getattr(request, "kitemesh_request_id", None)
+    if request_id is None:
+        request_id = request.kitemesh_request_id = request_id_new()
+    return request_id
+
+
+def error_response(error: ApiError, request: HttpRequest) -> JsonResponse:
+    """The envelope outside DRF (middleware, URL-level 404s)."""
+    return JsonResponse(error_body(error, request_id_of(request)), status=error.status)
+
+
+def _from_drf(exc: Exception) -> ApiError | None:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, drf_exceptions.NotAuthenticated):
+        return AuthenticationError(MISSING_TOKEN_MESSAGE)
+    if isinstance(exc, drf_exceptions.AuthenticationFailed):
+        return AuthenticationError(str(exc.detail))
+    if isinstance(exc, drf_exceptions.MethodNotAllowed):
+        error = InvalidRequest(str(exc.detail), code="method_not_allowed")
+        error.status = 405
+        return error
+    if isinstance(exc, drf_exceptions.NotFound):
+        return NotFound(str(exc.detail))
+    return None
+
+
+def api_exception_handler(exc: Exception, context: dict) -> Response:
+    """DRF's exception handler: every error, expected or not, leaves in the SPEC's envelope."""
+    request = context["request"]._request
+    error = _from_drf(exc)
+    if error is None:
+        logger.exception("Unhandled error in %s", request.path, extra={"request_id": request_id_of(request)})
+        error = ApiError("The server failed to process the request.", code="internal_error")
+        error.status, error.type = 500, "server_error"
+    headers = {"WWW-Authenticate": 'Bearer realm="kitemesh"'} if error.status == 401 else None
+    return Response(error_body(error, request_id_of(request)), status=error.status, headers=headers)

@@ -1,0 +1,83 @@
+"""The ASGI application (`kitemesh_site.asgi:application`): Django for HTTP, behind a body-size guard
+that answers 413 before a large body is read; lifespan handled here; other scope types refused."""
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kitemesh_site.settings.base")
+django_application = get_asgi_application()
+
+from django.conf import settings  # noqa: E402  (after Django is set up)
+
+from chat.errors import RequestTooLarge  # noqa: E402
+from chat.services.vault import vault_key_check  # noqa: E402
+from chat.wire import error_body, request_id_new  # noqa: E402
+
+
+async def _send_too_large(send) -> None:
+    import json
+
+    request_id = request_id_new()
+    error = RequestTooLarge(f"The body is larger than {settings.KITEMESH_MAX_BODY_BYTES} bytes.")
+    body = json.dumps(error_body(error, request_id)).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"x-request-id", request_id.encode()),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": 413, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _http(scope, receive, send) -> None:
+    limit = settings.KITEMESH_MAX_BODY_BYTES
+    declared = dict(scope.get("headers") or ()).get(b"content-length", b"0")
+    if declared.isdigit() and int(declared) > limit:
+        await _send_too_large(send)
+        return
+    received, exceeded, started = 0, False, False
+
+    async def limited_receive():
+        nonlocal received, exceeded
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:  # a chunked body with no Content-Length: stop reading it
+                exceeded = True
+                return {"type": "http.disconnect"}
+        return message
+
+    async def tracked_send(message):
+        nonlocal started
+        started = started or message["type"] == "http.response.start"
+        await send(message)
+
+    await django_application(scope, limited_receive, tracked_send)
+    if exceeded and not started:
+        await _send_too_large(send)
+
+
+async def _lifespan(scope, receive, send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            try:
+                vault_key_check()
+            except Exception as exc:
+                await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                return
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def application(scope, receive, send) -> None:
+    if scope["type"] == "http":
+        await _http(scope, receive, send)
+    elif scope["type"] == "lifespan":
+        await _lifespan(scope, receive, send)
+    else:
+        raise ValueError(f"KiteMesh serves no {scope['type']!r} connections")

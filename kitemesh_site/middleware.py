@@ -1,0 +1,52 @@
+"""Request-wide API concerns: a request id on every API response, and the body size limit."""
+
+from collections.abc import Callable
+
+from asgiref.sync import iscoroutinefunction
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse
+from django.utils.decorators import sync_and_async_middleware
+
+from chat.errors import RequestTooLarge
+from chat.wire import error_response, request_id_new
+
+API_PREFIXES = ("/v1/",)
+
+
+def _too_large(request: HttpRequest) -> HttpResponse | None:
+    try:
+        length = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = 0
+    if length > settings.KITEMESH_MAX_BODY_BYTES:
+        error = RequestTooLarge(f"The body is larger than {settings.KITEMESH_MAX_BODY_BYTES} bytes.")
+        return error_response(error, request)
+    return None
+
+
+def _tag(request: HttpRequest, response: HttpResponse) -> HttpResponse:
+    # The view replaces the generated id with the client's metadata.request_id when there is one.
+    response["X-Request-ID"] = request.kitemesh_request_id
+    return response
+
+
+@sync_and_async_middleware
+def api_request_middleware(get_response: Callable) -> Callable:
+    """Natively async so API requests cross no thread for it (a MiddlewareMixin class would)."""
+    if iscoroutinefunction(get_response):
+
+        async def middleware(request: HttpRequest) -> HttpResponse:
+            if not request.path.startswith(API_PREFIXES):
+                return await get_response(request)
+            request.kitemesh_request_id = request_id_new()
+            return _tag(request, _too_large(request) or await get_response(request))
+
+    else:
+
+        def middleware(request: HttpRequest) -> HttpResponse:
+            if not request.path.startswith(API_PREFIXES):
+                return get_response(request)
+            request.kitemesh_request_id = request_id_new()
+            return _tag(request, _too_large(request) or get_response(request))
+
+    return middleware

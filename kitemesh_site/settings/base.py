@@ -1,0 +1,129 @@
+"""Settings shared by every environment; everything that varies comes from the environment."""
+
+import os
+from pathlib import Path
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent.parent
+VAR_DIR = BASE_DIR / "var"
+
+
+def env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name) or default)
+
+
+# --- Core -----------------------------------------------------------------------------------------
+# The dev key only serves `make run` and tests; production.py refuses to start without a real one.
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "dev-insecure-kitemesh-key-change-me")
+DEBUG = os.environ.get("DJANGO_DEBUG", "1") == "1"
+ALLOWED_HOSTS = [h for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]").split(",") if h]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "adrf",
+    "chat",
+    "approvals",
+    "billing",
+]
+
+MIDDLEWARE = [
+    "kitemesh_site.middleware.api_request_middleware",
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "kitemesh_site.urls"
+ASGI_APPLICATION = "kitemesh_site.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database -------------------------------------------------------------------------------------
+DATABASES = {
+    "default": dj_database_url.parse(
+        os.environ.get("DATABASE_URL") or f"sqlite:///{VAR_DIR / 'kitemesh.sqlite3'}",
+        conn_max_age=int(os.environ.get("DATABASE_CONN_MAX_AGE", "60")),
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Several writers (API requests, commands) share one file: wait for the lock instead of failing.
+    DATABASES["default"]["OPTIONS"] = {"timeout": 20, "transaction_mode": "IMMEDIATE"}
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Auth and pages -------------------------------------------------------------------------------
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+LOGIN_URL = "/accounts/login/"
+LOGIN_REDIRECT_URL = "/approvals/"
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+
+# --- API ------------------------------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["chat.authentication.ApiTokenAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": [],
+    "EXCEPTION_HANDLER": "chat.wire.api_exception_handler",
+    "UNAUTHENTICATED_USER": None,
+}
+
+KITEMESH_MAX_BODY_BYTES = env_int("KITEMESH_MAX_BODY_BYTES", 8 * 1024 * 1024)
+# Django refuses to read a larger body too (the ASGI guard normally answers 413 before that).
+DATA_UPLOAD_MAX_MEMORY_SIZE = KITEMESH_MAX_BODY_BYTES
+
+# Fernet keys, comma-separated, newest first (older ones still decrypt during a rotation).
+# The default serves development only; production.py requires a real one.
+DEV_VAULT_KEY = "a2l0ZW1lc2gtZGV2LXZhdWx0LWtleS0zMi1ieXRlcyE="
+KITEMESH_VAULT_KEY = os.environ.get("KITEMESH_VAULT_KEY") or DEV_VAULT_KEY
+
+KITEMESH_METRICS_TOKEN = os.environ.get("KITEMESH_METRICS_TOKEN", "")
+KITEMESH_TOOL_HOST_ALLOWLIST = [
+    h.strip() for h in os.environ.get("KITEMESH_TOOL_HOST_ALLOWLIST", "").split(",") if h.strip()
+]
+# Upstream model calls: connect fast, allow long generations between bytes.
+KITEMESH_UPSTREAM_CONNECT_TIMEOUT = float(os.environ.get("KITEMESH_UPSTREAM_CONNECT_TIMEOUT", "5"))
+KITEMESH_UPSTREAM_READ_TIMEOUT = float(os.environ.get("KITEMESH_UPSTREAM_READ_TIMEOUT", "120"))
+# Output-token cap sent upstream (and reserved for) when the client gives no max_tokens.
+KITEMESH_DEFAULT_MAX_OUTPUT_TOKENS = env_int("KITEMESH_DEFAULT_MAX_OUTPUT_TOKENS", 1024)
+
+REDIS_URL = os.environ.get("REDIS_URL", "")
+
+# --- Logging --------------------------------------------------------------------------------------
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("KITEMESH_LOG_LEVEL", "INFO")},
+    "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
+}

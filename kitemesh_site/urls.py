@@ -1,0 +1,15 @@
+from django.contrib import admin
+from django.urls import path, re_path
+
+from chat.api import ChatCompletionCreateApi, CreditBalanceApi, ModelListApi, api_not_found_view
+from kitemesh_site.health import healthz_view, readyz_view
+
+urlpatterns = [
+    path("v1/chat/completions", ChatCompletionCreateApi.as_view()),
+    path("v1/models", ModelListApi.as_view()),
+    path("v1/credits", CreditBalanceApi.as_view()),
+    path("healthz", healthz_view),
+    path("readyz", readyz_view),
+    path("admin/", admin.site.urls),
+    re_path(r"^v1/", api_not_found_view),
+]
