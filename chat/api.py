@@ -5,6 +5,7 @@ from collections.abc import AsyncIterator
 from adrf.views import APIView
 from asgiref.sync import sync_to_async
 from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -12,7 +13,7 @@ from billing.selectors import credit_account_get
 from chat.engine.runner import Replay, replay_stream, run_complete, run_start, run_stream
 from chat.errors import NotFound
 from chat.selectors import group_for_token_get, group_list_for_token
-from chat.wire import body_parse, chat_request_parse, error_response
+from chat.wire import body_parse, chat_request_parse, client_request_id, error_response
 
 
 async def _sse_response(stream: AsyncIterator[bytes]) -> StreamingHttpResponse:
@@ -37,9 +38,8 @@ async def _sse_response(stream: AsyncIterator[bytes]) -> StreamingHttpResponse:
 class ChatCompletionCreateApi(APIView):
     async def post(self, request: Request) -> HttpResponseBase:
         body = body_parse(request.body)
+        request._request.kitemesh_request_id = client_request_id(body) or request._request.kitemesh_request_id
         chat_request = chat_request_parse(body)
-        if chat_request.request_id:
-            request._request.kitemesh_request_id = chat_request.request_id
         token = request.auth
         group = await sync_to_async(group_for_token_get)(token=token, group_id=chat_request.group_id)
         run = await run_start(
@@ -75,6 +75,7 @@ class CreditBalanceApi(APIView):
         )
 
 
+@csrf_exempt
 async def api_not_found_view(request: HttpRequest) -> JsonResponse:
     """Unknown API paths answer in the error envelope too."""
     return error_response(NotFound(f"No endpoint {request.method} {request.path}."), request)

@@ -97,8 +97,8 @@ def _tool_calls_check(tool_calls: Any, param: str) -> None:
     for i, call in enumerate(tool_calls):
         fn = call.get("function") if isinstance(call, dict) else None
         if not (
-            isinstance(call.get("id"), str)
-            and isinstance(fn, dict)
+            isinstance(fn, dict)
+            and isinstance(call.get("id"), str)
             and isinstance(fn.get("name"), str)
             and isinstance(fn.get("arguments"), str)
         ):
@@ -115,7 +115,7 @@ def _messages_check(messages: Any) -> list[dict]:
         if not isinstance(message, dict):
             raise _fail("Each message must be an object.", param)
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise _fail(f"role must be one of {', '.join(sorted(ROLES))}.", f"{param}.role")
         if "content" not in message and not (role == "assistant" and message.get("tool_calls")):
             raise _fail("content is required.", f"{param}.content")
@@ -188,6 +188,13 @@ def _max_tokens_parse(body: dict) -> int | None:
         if value is not None and not (_is_int(value) and value > 0):
             raise _fail(f"{name} must be a positive integer.", name)
     return body.get("max_completion_tokens") or body.get("max_tokens")
+
+
+def client_request_id(body: dict) -> str | None:
+    """metadata.request_id when valid, read before the rest so even a 400 carries the client's id."""
+    metadata = body.get("metadata")
+    request_id = metadata.get("request_id") if isinstance(metadata, dict) else None
+    return request_id if isinstance(request_id, str) and 0 < len(request_id) <= 128 else None
 
 
 def chat_request_parse(body: dict) -> ChatRequest:

@@ -21,8 +21,11 @@ def credits_round(exact: Decimal) -> int:
 
 def _account_lock(team_id: int) -> CreditAccount:
     """Lock the team's account row for the rest of the caller's transaction (the only lock billing takes)."""
-    CreditAccount.objects.get_or_create(team_id=team_id)
-    return CreditAccount.objects.select_for_update().get(team_id=team_id)
+    try:
+        return CreditAccount.objects.select_for_update().get(team_id=team_id)
+    except CreditAccount.DoesNotExist:
+        CreditAccount.objects.get_or_create(team_id=team_id)  # a team made outside apply_config
+        return CreditAccount.objects.select_for_update().get(team_id=team_id)
 
 
 def _entry_write(
@@ -80,14 +83,31 @@ def hold_settle(*, hold: Hold, cost: Decimal) -> int:
         status=Hold.Status.SETTLED, settled_at=timezone.now()
     )
     if not updated:
-        return 0
+        return 0  # settled already: a second settle must not charge twice
     account = _account_lock(hold.team_id)
-    _entry_write(
-        account, kind=LedgerEntry.Kind.RELEASE, amount=hold.amount, held=-hold.amount, execution_id=hold.execution_id
-    )
-    charge = min(credits_round(cost), account.available)
-    if charge > 0:
-        _entry_write(
-            account, kind=LedgerEntry.Kind.CHARGE, amount=-charge, balance=-charge, execution_id=hold.execution_id
+    charge = max(min(credits_round(cost), account.available + hold.amount), 0)
+    CreditAccount.objects.filter(pk=account.pk).update(balance=F("balance") - charge, held=F("held") - hold.amount)
+    released_held = account.held - hold.amount
+    entries = [
+        LedgerEntry(
+            team_id=hold.team_id,
+            kind=LedgerEntry.Kind.RELEASE,
+            amount=hold.amount,
+            balance_after=account.balance,
+            held_after=released_held,
+            execution_id=hold.execution_id,
         )
+    ]
+    if charge:
+        entries.append(
+            LedgerEntry(
+                team_id=hold.team_id,
+                kind=LedgerEntry.Kind.CHARGE,
+                amount=-charge,
+                balance_after=account.balance - charge,
+                held_after=released_held,
+                execution_id=hold.execution_id,
+            )
+        )
+    LedgerEntry.objects.bulk_create(entries)
     return charge

@@ -6,7 +6,8 @@ from pathlib import Path
 import dj_database_url
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
-VAR_DIR = BASE_DIR / "var"
+VAR_DIR = BASE_DIR / "var"  # the default SQLite database and test databases live here
+VAR_DIR.mkdir(exist_ok=True)
 
 
 def env_int(name: str, default: int) -> int:

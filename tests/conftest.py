@@ -1,0 +1,101 @@
+"""Shared fixtures: a loopback upstream, KiteMesh live under uvicorn, and a configured team."""
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+
+import httpx
+import pytest
+from django.db import connection
+
+from billing.services.ledger import credits_grant
+from chat.models import ApiToken, CustomModel, Group, Team
+from chat.services.tokens import token_create
+from chat.services.vault import secret_set
+from tests.support.live_server import LiveServer
+from tests.support.upstream import FakeUpstream
+
+UPSTREAM_API_KEY = "sk-upstream-secret-do-not-leak"
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeUpstream]:
+    server = FakeUpstream().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def live_server_session(django_db_setup, django_db_blocker) -> Iterator[LiveServer]:
+    with django_db_blocker.unblock():
+        server = LiveServer().start()
+    yield server
+    server.stop()
+    with django_db_blocker.unblock():
+        connection.close()
+
+
+@pytest.fixture
+def live(live_server_session: LiveServer, transactional_db) -> LiveServer:
+    """The live server, with a database whose writes it can see (committed, flushed after the test)."""
+    return live_server_session
+
+
+@dataclass
+class Setup:
+    """A team with credits, a brain on the loopback upstream, a group and a token for it."""
+
+    team: Team
+    brain: CustomModel
+    group: Group
+    token: ApiToken
+    raw_token: str
+
+    @property
+    def model(self) -> str:
+        return f"group:{self.group.id}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.raw_token}"}
+
+
+def make_setup(
+    upstream: FakeUpstream,
+    *,
+    team_name: str = "acme",
+    credits: int = 1000,
+    input_per_1k: str = "10",
+    output_per_1k: str = "20",
+    system: str = "You are the acme brain.",
+) -> Setup:
+    team = Team.objects.create(name=team_name)
+    if credits:
+        credits_grant(team=team, amount=credits, reason="test grant")
+    key = secret_set(team=team, name="upstream-key", value=UPSTREAM_API_KEY)
+    brain = CustomModel.objects.create(
+        team=team,
+        name="brain",
+        provider=CustomModel.Provider.OPENAI,
+        base_url=upstream.base_url,
+        model="up-model",
+        api_key_secret=key,
+        system=system,
+        input_per_1k=Decimal(input_per_1k),
+        output_per_1k=Decimal(output_per_1k),
+    )
+    group = Group.objects.create(id=uuid.uuid4(), team=team, name="support", brain=brain)
+    token, raw = token_create(team=team, name="test")
+    return Setup(team=team, brain=brain, group=group, token=token, raw_token=raw)
+
+
+@pytest.fixture
+def setup(upstream: FakeUpstream, db) -> Setup:
+    return make_setup(upstream)
+
+
+@pytest.fixture
+def http(live: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=live.url, timeout=30) as client:
+        yield client
