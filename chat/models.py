@@ -50,8 +50,8 @@ class CustomModel(models.Model):
         VaultSecret, null=True, blank=True, on_delete=models.PROTECT, related_name="custom_models"
     )
     system = models.TextField(blank=True, help_text="System instruction placed first in every call.")
-    input_per_1k = models.DecimalField(max_digits=12, decimal_places=4, default=Decimal(0))
-    output_per_1k = models.DecimalField(max_digits=12, decimal_places=4, default=Decimal(0))
+    input_per_1k = models.DecimalField(max_digits=16, decimal_places=6, default=Decimal(0))
+    output_per_1k = models.DecimalField(max_digits=16, decimal_places=6, default=Decimal(0))
     timeout_seconds = models.FloatField(null=True, blank=True, help_text="Read timeout; default from settings.")
 
     class Meta:
@@ -101,7 +101,7 @@ class Tool(models.Model):
     requires_approval = models.BooleanField(default=False)
     approver = models.CharField(max_length=10, choices=Approver.choices, default=Approver.ANY)
     risk = models.CharField(max_length=10, choices=Risk.choices, blank=True, help_text="Overrides the method's.")
-    price = models.DecimalField(max_digits=12, decimal_places=4, default=Decimal(0))
+    price = models.DecimalField(max_digits=16, decimal_places=6, default=Decimal(0))
     tags = models.JSONField(default=list, blank=True)
 
     class Meta:

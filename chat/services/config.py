@@ -19,6 +19,7 @@ from chat.services.vault import secret_set
 
 _NAME = {"type": "string", "minLength": 1, "maxLength": 100}
 _MONEY = {"type": "number", "minimum": 0}
+PRICE_DECIMALS = 6  # as stored (chat.models): a finer price would be silently rounded
 _HTTP_URL = {"type": "string", "pattern": "^https?://"}
 
 CONFIG_SCHEMA: dict[str, Any] = {
@@ -204,6 +205,12 @@ class _Applier:
             raise self.fail(section, index, field_name, f"no {what} named {lookup.get('name')!r} in this team")
         return obj
 
+    def price(self, section: str, index: int, field_name: str, value: float) -> Decimal:
+        price = Decimal(str(value))
+        if price.as_tuple().exponent < -PRICE_DECIMALS:
+            raise self.fail(section, index, field_name, f"{value} has more than {PRICE_DECIMALS} decimal places")
+        return price
+
     def team(self, section: str, index: int, name: str) -> Team:
         return self.ref(Team, section, index, "team", name=name)
 
@@ -256,8 +263,8 @@ class _Applier:
                 "api_key_secret": secret,
                 "system": entry.get("system", ""),
                 "timeout_seconds": entry.get("timeout_seconds"),
-                "input_per_1k": Decimal(str(price.get("input_per_1k", 0))),
-                "output_per_1k": Decimal(str(price.get("output_per_1k", 0))),
+                "input_per_1k": self.price("models", index, "price.input_per_1k", price.get("input_per_1k", 0)),
+                "output_per_1k": self.price("models", index, "price.output_per_1k", price.get("output_per_1k", 0)),
             },
         )
         self.result.record(outcome, f"model {team.name}/{entry['name']}")
@@ -289,7 +296,7 @@ class _Applier:
                 "requires_approval": entry.get("requires_approval", False),
                 "approver": entry.get("approver", Tool.Approver.ANY),
                 "risk": entry.get("risk", ""),
-                "price": Decimal(str(entry.get("price", 0))),
+                "price": self.price("tools", index, "price", entry.get("price", 0)),
                 "tags": entry.get("tags", []),
             },
         )
@@ -298,9 +305,11 @@ class _Applier:
     def apply_groups(self, index: int, entry: dict) -> None:
         team = self.team("groups", index, entry["team"])
         group_id = uuid.UUID(entry["id"])
-        other = Group.objects.filter(pk=group_id).exclude(team=team).first()
-        if other is not None:
+        if Group.objects.filter(pk=group_id).exclude(team=team).exists():
             raise self.fail("groups", index, "id", "this id belongs to a group of another team")
+        namesake = Group.objects.filter(team=team, name=entry["name"]).exclude(pk=group_id).first()
+        if namesake is not None:
+            raise self.fail("groups", index, "name", f"already used by group {namesake.id} of this team")
         brain = self.ref(CustomModel, "groups", index, "brain", team=team, name=entry["brain"])
         tools = [self.ref(Tool, "groups", index, "tools", team=team, name=name) for name in entry.get("tools", [])]
         agents = [

@@ -42,16 +42,21 @@ def vault_decrypt(secret: VaultSecret) -> str:
 
 
 @transaction.atomic
-def secret_set(*, team: Team, name: str, value: str, description: str = "") -> VaultSecret:
-    """Create the secret, or rotate it in place (same row, so models and tools keep pointing at it)."""
+def secret_set(*, team: Team, name: str, value: str, description: str | None = None) -> VaultSecret:
+    """Create the secret, or update it in place (same row, so models and tools keep pointing at it):
+    a new value is a rotation; the same value is not re-encrypted; description None keeps it."""
     secret, created = VaultSecret.objects.select_for_update().get_or_create(
-        team=team, name=name, defaults={"ciphertext": vault_encrypt(value), "description": description}
+        team=team, name=name, defaults={"ciphertext": vault_encrypt(value), "description": description or ""}
     )
-    if not created:
-        if vault_decrypt(secret) == value and (not description or description == secret.description):
-            return secret
-        secret.ciphertext = vault_encrypt(value)
-        secret.description = description or secret.description
-        secret.rotated_at = timezone.now()
-        secret.save(update_fields=["ciphertext", "description", "rotated_at"])
+    if created:
+        return secret
+    changed = []
+    if vault_decrypt(secret) != value:
+        secret.ciphertext, secret.rotated_at = vault_encrypt(value), timezone.now()
+        changed += ["ciphertext", "rotated_at"]
+    if description is not None and secret.description != description:
+        secret.description = description
+        changed.append("description")
+    if changed:
+        secret.save(update_fields=changed)
     return secret

@@ -1,0 +1,308 @@
+"""The credit ledger (SPEC §3): grants, holds for a request's worst case, one rounded-up charge at
+settlement, an append-only ledger that always matches the account, and a balance that never goes below
+zero."""
+
+import itertools
+from decimal import Decimal
+
+import pytest
+from django.db import IntegrityError, transaction
+
+from billing.models import CreditAccount, Hold, LedgerEntry
+from billing.services.ledger import credits_grant, credits_round, hold_create, hold_settle
+from chat.errors import InsufficientCredits, InvalidRequest
+from chat.models import Execution, Team
+from tests.conftest import Setup, make_setup
+
+_request_ids = itertools.count(1)
+
+
+@pytest.fixture
+def acme(upstream, db) -> Setup:
+    """A team with a group and no credits yet (each test grants what it needs)."""
+    return make_setup(upstream, credits=0)
+
+
+def execution_for(setup: Setup) -> Execution:
+    return Execution.objects.create(
+        team=setup.team, group=setup.group, request_id=f"req_x{next(_request_ids)}", mode="normal"
+    )
+
+
+def hold(setup: Setup, amount: int) -> Hold:
+    with transaction.atomic():
+        return hold_create(execution=execution_for(setup), amount=amount)
+
+
+def settle(h: Hold, cost: Decimal) -> int:
+    with transaction.atomic():
+        return hold_settle(hold=h, cost=cost)
+
+
+def account(team: Team) -> CreditAccount:
+    return CreditAccount.objects.get(team=team)
+
+
+def last_entry(team: Team) -> LedgerEntry:
+    return LedgerEntry.objects.filter(team=team).order_by("-id").first()
+
+
+def assert_ledger_matches_account(team: Team) -> None:
+    """Replaying the entries gives every balance_after/held_after, and the last one is the account."""
+    balance = held = 0
+    for entry in LedgerEntry.objects.filter(team=team).order_by("id"):
+        if entry.kind in ("grant", "charge", "refund", "adjustment"):
+            balance += entry.amount
+        elif entry.kind == "hold":
+            held += entry.amount
+        elif entry.kind == "release":
+            held -= entry.amount
+        assert (entry.balance_after, entry.held_after) == (balance, held), entry
+    acc = account(team)
+    assert (acc.balance, acc.held) == (balance, held)
+    assert acc.held == sum(Hold.objects.filter(team=team, status="active").values_list("amount", flat=True))
+
+
+def test_grant_adds_credits_and_writes_a_grant_entry(acme: Setup):
+    entry = credits_grant(team=acme.team, amount=500, reason="welcome")
+
+    assert (entry.kind, entry.amount, entry.reason) == ("grant", 500, "welcome")
+    assert (entry.balance_after, entry.held_after) == (500, 0)
+    assert (account(acme.team).balance, account(acme.team).held) == (500, 0)
+    credits_grant(team=acme.team, amount=250, reason="top-up")
+    assert account(acme.team).balance == 750
+    assert_ledger_matches_account(acme.team)
+
+
+@pytest.mark.parametrize("amount", [0, -1])
+def test_grant_must_be_positive(acme: Setup, amount: int):
+    with pytest.raises(InvalidRequest):
+        credits_grant(team=acme.team, amount=amount, reason="oops")
+
+    assert not LedgerEntry.objects.filter(team=acme.team).exists()
+
+
+def test_refund_adds_credits_as_a_refund_entry(acme: Setup):
+    credits_grant(team=acme.team, amount=10, reason="start")
+
+    entry = credits_grant(team=acme.team, amount=3, reason="failed request", kind=LedgerEntry.Kind.REFUND)
+
+    assert (entry.kind, entry.amount, entry.balance_after) == ("refund", 3, 13)
+
+
+@pytest.mark.parametrize("reason", ["", "   "])
+def test_adjustment_needs_a_reason(acme: Setup, reason: str):
+    credits_grant(team=acme.team, amount=100, reason="start")
+
+    with pytest.raises(InvalidRequest) as excinfo:
+        credits_grant(team=acme.team, amount=-10, reason=reason, kind=LedgerEntry.Kind.ADJUSTMENT)
+
+    assert excinfo.value.param == "reason"
+    assert account(acme.team).balance == 100
+    assert LedgerEntry.objects.filter(team=acme.team).count() == 1
+
+
+def test_adjustment_with_a_reason_moves_credits_either_way(acme: Setup):
+    credits_grant(team=acme.team, amount=100, reason="start")
+
+    down = credits_grant(team=acme.team, amount=-30, reason="double grant", kind=LedgerEntry.Kind.ADJUSTMENT)
+    up = credits_grant(team=acme.team, amount=5, reason="goodwill", kind=LedgerEntry.Kind.ADJUSTMENT)
+
+    assert (down.kind, down.amount, down.balance_after, down.reason) == ("adjustment", -30, 70, "double grant")
+    assert up.balance_after == 75
+    assert_ledger_matches_account(acme.team)
+
+
+def test_adjustment_cannot_take_the_balance_below_zero(acme: Setup):
+    credits_grant(team=acme.team, amount=20, reason="start")
+
+    with pytest.raises(InsufficientCredits):
+        credits_grant(team=acme.team, amount=-21, reason="too much", kind=LedgerEntry.Kind.ADJUSTMENT)
+
+    assert account(acme.team).balance == 20
+
+
+def test_hold_reserves_credits_and_writes_a_hold_entry(acme: Setup):
+    credits_grant(team=acme.team, amount=100, reason="start")
+
+    h = hold(acme, 40)
+
+    assert (h.amount, h.status, h.team_id) == (40, "active", acme.team.pk)
+    acc = account(acme.team)
+    assert (acc.balance, acc.held, acc.available) == (100, 40, 60)
+    entry = last_entry(acme.team)
+    assert (entry.kind, entry.amount, entry.execution_id) == ("hold", 40, h.execution_id)
+    assert (entry.balance_after, entry.held_after) == (100, 40)
+
+
+def test_hold_may_use_exactly_what_is_available(acme: Setup):
+    credits_grant(team=acme.team, amount=100, reason="start")
+    hold(acme, 60)
+
+    hold(acme, 40)
+
+    assert account(acme.team).available == 0
+
+
+def test_hold_beyond_what_is_available_is_refused_and_writes_nothing(acme: Setup):
+    credits_grant(team=acme.team, amount=100, reason="start")
+    hold(acme, 70)
+    entries = LedgerEntry.objects.count()
+
+    with pytest.raises(InsufficientCredits):
+        hold(acme, 31)
+
+    assert LedgerEntry.objects.count() == entries
+    assert Hold.objects.count() == 1
+    assert account(acme.team).held == 70
+
+
+def test_hold_without_any_credits_is_refused(acme: Setup):
+    with pytest.raises(InsufficientCredits):
+        hold(acme, 1)
+
+    assert not Hold.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("exact", "credits"),
+    [
+        (Decimal("0"), 0),
+        (Decimal("0.0001"), 1),
+        (Decimal("0.99"), 1),
+        (Decimal("1"), 1),
+        (Decimal("2.000001"), 3),
+        (Decimal("41.5"), 42),
+    ],
+)
+def test_credits_round_rounds_up_once(exact: Decimal, credits: int):
+    assert credits_round(exact) == credits
+
+
+def test_settle_releases_the_hold_and_charges_the_cost_rounded_up(acme: Setup):
+    credits_grant(team=acme.team, amount=100, reason="start")
+    h = hold(acme, 40)
+    # Three model calls of 0.33 credits each: one charge of ceil(0.99) = 1, not three of 1.
+    cost = Decimal("0.33") * 3 + Decimal("12")
+
+    charged = settle(h, cost)
+
+    assert charged == 13
+    acc = account(acme.team)
+    assert (acc.balance, acc.held) == (87, 0)
+    release, charge = LedgerEntry.objects.filter(team=acme.team).order_by("-id")[:2][::-1]
+    assert (release.kind, release.amount, release.execution_id) == ("release", 40, h.execution_id)
+    assert (release.balance_after, release.held_after) == (100, 0)
+    assert (charge.kind, charge.amount, charge.execution_id) == ("charge", -13, h.execution_id)
+    assert (charge.balance_after, charge.held_after) == (87, 0)
+    h.refresh_from_db()
+    assert h.status == "settled" and h.settled_at is not None
+    assert_ledger_matches_account(acme.team)
+
+
+def test_settle_with_no_cost_only_releases(acme: Setup):
+    credits_grant(team=acme.team, amount=100, reason="start")
+    h = hold(acme, 40)
+
+    assert settle(h, Decimal("0")) == 0
+
+    assert last_entry(acme.team).kind == "release"
+    assert not LedgerEntry.objects.filter(kind="charge").exists()
+    assert (account(acme.team).balance, account(acme.team).held) == (100, 0)
+
+
+def test_settling_twice_charges_once(acme: Setup):
+    credits_grant(team=acme.team, amount=100, reason="start")
+    h = hold(acme, 40)
+    settle(h, Decimal("10"))
+    entries = LedgerEntry.objects.count()
+
+    assert settle(h, Decimal("10")) == 0
+
+    assert LedgerEntry.objects.count() == entries
+    assert account(acme.team).balance == 90
+
+
+def test_charge_is_capped_so_it_never_eats_another_hold(acme: Setup):
+    credits_grant(team=acme.team, amount=100, reason="start")
+    first = hold(acme, 30)
+    second = hold(acme, 60)
+
+    # The first request overran its hold (an upstream ignored max_tokens): it may take what is free
+    # (100 - 60 held by the second), not the second request's reservation.
+    charged = settle(first, Decimal("80.5"))
+
+    assert charged == 40
+    acc = account(acme.team)
+    assert (acc.balance, acc.held, acc.available) == (60, 60, 0)
+    assert settle(second, Decimal("59.2")) == 60
+    assert_ledger_matches_account(acme.team)
+
+
+def test_charge_never_takes_the_balance_below_zero(acme: Setup):
+    credits_grant(team=acme.team, amount=10, reason="start")
+    h = hold(acme, 10)
+
+    charged = settle(h, Decimal("1000"))
+
+    assert charged == 10
+    assert (account(acme.team).balance, account(acme.team).held) == (0, 0)
+    assert_ledger_matches_account(acme.team)
+
+
+def test_every_change_writes_an_entry_matching_the_account(acme: Setup):
+    credits_grant(team=acme.team, amount=300, reason="start")
+    a = hold(acme, 50)
+    b = hold(acme, 120)
+    settle(a, Decimal("12.4"))
+    credits_grant(team=acme.team, amount=-20, reason="correction", kind=LedgerEntry.Kind.ADJUSTMENT)
+    c = hold(acme, 15)
+    settle(b, Decimal("119.01"))
+    credits_grant(team=acme.team, amount=4, reason="refund", kind=LedgerEntry.Kind.REFUND)
+
+    kinds = list(LedgerEntry.objects.filter(team=acme.team).order_by("id").values_list("kind", flat=True))
+    assert kinds == [
+        "grant",
+        "hold",
+        "hold",
+        "release",
+        "charge",
+        "adjustment",
+        "hold",
+        "release",
+        "charge",
+        "refund",
+    ]
+    assert_ledger_matches_account(acme.team)
+    acc = account(acme.team)
+    assert (acc.balance, acc.held) == (300 - 13 - 20 - 120 + 4, c.amount)
+
+
+def test_ledger_is_per_team(acme: Setup, upstream):
+    other = make_setup(upstream, team_name="globex", credits=0)
+    credits_grant(team=acme.team, amount=100, reason="start")
+    credits_grant(team=other.team, amount=7, reason="start")
+    hold(other, 7)
+
+    assert (account(acme.team).balance, account(acme.team).held) == (100, 0)
+    with pytest.raises(InsufficientCredits):
+        hold(other, 1)
+    assert_ledger_matches_account(acme.team)
+    assert_ledger_matches_account(other.team)
+
+
+@pytest.mark.parametrize("field", ["balance", "held"])
+def test_database_refuses_a_negative_balance_or_hold(acme: Setup, field: str):
+    credits_grant(team=acme.team, amount=5, reason="start")
+
+    with pytest.raises(IntegrityError), transaction.atomic():
+        CreditAccount.objects.filter(team=acme.team).update(**{field: -1})
+
+    assert (account(acme.team).balance, account(acme.team).held) == (5, 0)
+
+
+def test_database_refuses_a_non_positive_hold(acme: Setup):
+    credits_grant(team=acme.team, amount=5, reason="start")
+
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Hold.objects.create(team=acme.team, execution=execution_for(acme), amount=0)
