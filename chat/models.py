@@ -250,9 +250,12 @@ class Step(models.Model):
 
     execution = models.ForeignKey(Execution, on_delete=models.CASCADE, related_name="steps")
     kind = models.CharField(max_length=20, choices=Kind.choices)
+    tool_execution = models.ForeignKey(
+        "ToolExecution", null=True, blank=True, on_delete=models.SET_NULL, related_name="steps"
+    )
     agent = models.CharField(max_length=64, blank=True, help_text="Agent name; blank for the brain.")
     custom_model = models.ForeignKey(CustomModel, null=True, blank=True, on_delete=models.SET_NULL)
-    model_name = models.CharField(max_length=200, blank=True)
+    model_name = models.CharField(max_length=200, blank=True, help_text="Model, or tool name for a tool call.")
     status = models.CharField(max_length=20, choices=Status.choices)
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
@@ -269,3 +272,64 @@ class Step(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} {self.model_name} ({self.status})"
+
+
+class ToolExecution(models.Model):
+    """One tool call the brain asked for; its UUID is the id clients see. The status only moves forward,
+    each move a conditional update (pending → approved/denied → running → succeeded/failed), so no path
+    can run a call twice. `arguments` is exactly what was shown for approval; `arguments_hash` is checked
+    again before sending."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        APPROVED = "approved"
+        DENIED = "denied"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+
+    class DecidedVia(models.TextChoices):
+        AUTO = "auto", "No approval needed"
+        API = "api", "API client"
+        UI = "ui", "Approver page"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4)
+    execution = models.ForeignKey(Execution, on_delete=models.CASCADE, related_name="tool_executions")
+    approval = models.ForeignKey(
+        "approvals.Approval", null=True, blank=True, on_delete=models.CASCADE, related_name="tool_executions"
+    )
+    tool = models.ForeignKey(Tool, null=True, on_delete=models.SET_NULL, related_name="executions")
+    tool_name = models.CharField(max_length=64)
+    call_id = models.CharField(max_length=100, help_text="The upstream's id for this call.")
+    position = models.PositiveSmallIntegerField(default=0, help_text="Order within its round.")
+    arguments = models.TextField(help_text="The arguments JSON exactly as the model produced it.")
+    arguments_hash = models.CharField(max_length=64)
+    requires_approval = models.BooleanField(default=False)
+    risk = models.CharField(max_length=10, choices=Tool.Risk.choices)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    decided_via = models.CharField(max_length=4, choices=DecidedVia.choices, blank=True)
+    decided_by = models.CharField(max_length=150, blank=True, help_text="User name or 'token:<name>'.")
+    decided_by_user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    decision_reason = models.CharField(max_length=500, blank=True)
+    decided_at = models.DateTimeField(null=True, blank=True)
+    response_status = models.PositiveSmallIntegerField(null=True, blank=True)
+    response_body = models.TextField(blank=True)
+    error = models.CharField(max_length=500, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at", "position"]
+
+    def __str__(self) -> str:
+        return f"{self.tool_name} ({self.status})"
+
+    @property
+    def decision(self) -> str | None:
+        """approved / denied once decided (also after it ran), else None."""
+        if self.status == self.Status.PENDING:
+            return None
+        return "denied" if self.status == self.Status.DENIED else "approved"
