@@ -1,5 +1,6 @@
 """The OpenAI-compatible API. Views only speak HTTP: parse, call the engine or a selector, answer."""
 
+import uuid
 from collections.abc import AsyncIterator
 
 from adrf.views import APIView
@@ -9,11 +10,31 @@ from django.views.decorators.csrf import csrf_exempt
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from approvals.selectors import approval_for_team_get, approval_with_calls_get
+from approvals.services import approval_expire, approval_resume_claim
 from billing.selectors import credit_account_get
-from chat.engine.runner import Replay, replay_stream, run_complete, run_start, run_stream
-from chat.errors import NotFound
-from chat.selectors import group_for_token_get, group_list_for_token
-from chat.wire import body_parse, chat_request_parse, client_request_id, error_response
+from chat.engine.runner import (
+    Replay,
+    replay_stream,
+    resume_hold_amount,
+    run_complete,
+    run_resume,
+    run_start,
+    run_stream,
+)
+from chat.engine.tools import arguments_redact
+from chat.errors import InvalidRequest, NotFound
+from chat.selectors import execution_for_team_get, group_for_token_get, group_list_for_token, tools_for_token_list
+from chat.wire import (
+    ChatRequest,
+    approval_body,
+    body_parse,
+    chat_request_parse,
+    client_request_id,
+    error_response,
+    execution_body,
+    resume_request_parse,
+)
 
 
 async def _sse_response(stream: AsyncIterator[bytes]) -> StreamingHttpResponse:
@@ -35,23 +56,82 @@ async def _sse_response(stream: AsyncIterator[bytes]) -> StreamingHttpResponse:
     return response
 
 
+def _body(request: Request) -> dict:
+    """The JSON body; the client's metadata.request_id becomes the request's id before validation."""
+    body = body_parse(request.body)
+    request._request.kitemesh_request_id = client_request_id(body) or request._request.kitemesh_request_id
+    return body
+
+
+async def _answer(run, chat_request: ChatRequest) -> HttpResponseBase:
+    if chat_request.stream:
+        return await _sse_response(run_stream(run))
+    return Response(await run_complete(run))
+
+
 class ChatCompletionCreateApi(APIView):
     async def post(self, request: Request) -> HttpResponseBase:
-        body = body_parse(request.body)
-        request._request.kitemesh_request_id = client_request_id(body) or request._request.kitemesh_request_id
-        chat_request = chat_request_parse(body)
+        chat_request = chat_request_parse(_body(request))
         token = request.auth
         group = await sync_to_async(group_for_token_get)(token=token, group_id=chat_request.group_id)
+        tools = await sync_to_async(tools_for_token_list)(token=token, group=group)
         run = await run_start(
-            token=token, group=group, request=chat_request, request_id=request._request.kitemesh_request_id
+            token=token, group=group, tools=tools, request=chat_request, request_id=request._request.kitemesh_request_id
         )
         if isinstance(run, Replay):
             if chat_request.stream:
                 return await _sse_response(replay_stream(run.body(), chat_request.include_usage))
             return Response(run.body())
-        if chat_request.stream:
-            return await _sse_response(run_stream(run))
-        return Response(await run_complete(run))
+        return await _answer(run, chat_request)
+
+
+class ChatResumeApi(APIView):
+    async def post(self, request: Request) -> HttpResponseBase:
+        resume = resume_request_parse(_body(request))
+        token = request.auth
+        approval = await sync_to_async(approval_for_team_get)(team_id=token.team_id, approval_id=resume.approval_id)
+        if approval.group_id != resume.chat.group_id:
+            raise InvalidRequest(f"This approval belongs to 'group:{approval.group_id}'.", param="model")
+        group = await sync_to_async(group_for_token_get)(token=token, group_id=approval.group_id)
+        claim = await sync_to_async(approval_resume_claim)(
+            token=token,
+            approval=approval,
+            approved=resume.approved,
+            denied=resume.denied,
+            hold_amount_for=resume_hold_amount,
+        )
+        claim.approval.group = group
+        tools = await sync_to_async(tools_for_token_list)(token=token, group=group)
+        run = await run_resume(
+            claim=claim, tools=tools, request=resume.chat, request_id=request._request.kitemesh_request_id
+        )
+        return await _answer(run, resume.chat)
+
+
+def _uuid(value: str, what: str, code: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise NotFound(f"No {what} {value}.", code=code) from None
+
+
+class ApprovalDetailApi(APIView):
+    def get(self, request: Request, approval_id: str) -> Response:
+        team_id = request.auth.team_id
+        approval = approval_for_team_get(
+            team_id=team_id, approval_id=_uuid(approval_id, "approval", "approval_not_found")
+        )
+        approval_expire(approval=approval)  # expiry is also applied lazily, whenever an approval is touched
+        approval = approval_with_calls_get(team_id=team_id, approval_id=approval.id)
+        return Response(approval_body(approval, redact=arguments_redact))
+
+
+class ExecutionDetailApi(APIView):
+    def get(self, request: Request, execution_id: str) -> Response:
+        execution = execution_for_team_get(
+            team_id=request.auth.team_id, execution_id=_uuid(execution_id, "execution", "execution_not_found")
+        )
+        return Response(execution_body(execution))
 
 
 class ModelListApi(APIView):

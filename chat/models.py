@@ -204,6 +204,7 @@ class Execution(models.Model):
         SUCCEEDED = "succeeded"
         FAILED = "failed"
         CANCELLED = "cancelled"
+        EXPIRED = "expired"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4)
     team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="executions")

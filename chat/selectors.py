@@ -6,11 +6,13 @@ from django.db.models import Exists, OuterRef, QuerySet
 
 from chat.engine.providers import ModelEndpoint
 from chat.errors import NotFound, PermissionDenied
-from chat.models import ApiToken, CustomModel, Group
+from chat.models import ApiToken, CustomModel, Execution, Group, Tool
 from chat.services.vault import vault_decrypt
 
 _TokenGroups = ApiToken.groups.through
 _TokenExcludedGroups = ApiToken.excluded_groups.through
+_TokenTools = ApiToken.tools.through
+_TokenExcludedTools = ApiToken.excluded_tools.through
 
 
 def _groups_with_scope(token: ApiToken) -> QuerySet[Group]:
@@ -23,8 +25,8 @@ def _groups_with_scope(token: ApiToken) -> QuerySet[Group]:
     )
 
 
-def _in_scope(group: Group) -> bool:
-    return (group.scope_selects or not group.scope_selects_some) and not group.scope_excludes
+def _in_scope(obj: Group | Tool) -> bool:
+    return (obj.scope_selects or not obj.scope_selects_some) and not obj.scope_excludes
 
 
 def group_for_token_get(*, token: ApiToken, group_id: uuid.UUID) -> Group:
@@ -54,3 +56,27 @@ def model_endpoint_get(model: CustomModel) -> ModelEndpoint:
         api_key=vault_decrypt(model.api_key_secret) if model.api_key_secret else None,
         timeout_seconds=model.timeout_seconds,
     )
+
+
+def tools_for_token_list(*, token: ApiToken, group: Group) -> list[Tool]:
+    """The group's tools this token lets the model use (the others are not offered at all), with
+    their auth secrets loaded."""
+    selected = _TokenTools.objects.filter(apitoken_id=token.pk)
+    tools = group.tools.select_related("auth_secret").annotate(
+        scope_selects_some=Exists(selected),
+        scope_selects=Exists(selected.filter(tool_id=OuterRef("pk"))),
+        scope_excludes=Exists(_TokenExcludedTools.objects.filter(apitoken_id=token.pk, tool_id=OuterRef("pk"))),
+    )
+    return [t for t in tools.order_by("name") if _in_scope(t)]
+
+
+def execution_for_team_get(*, team_id: int, execution_id: uuid.UUID) -> Execution:
+    execution = (
+        Execution.objects.select_related("group")
+        .prefetch_related("steps", "approvals")
+        .filter(pk=execution_id, team_id=team_id)
+        .first()
+    )
+    if execution is None:
+        raise NotFound(f"No execution {execution_id}.", code="execution_not_found")
+    return execution

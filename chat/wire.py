@@ -1,14 +1,17 @@
 """OpenAI wire shapes: the chat request parsed and validated, the response and chunk builders, and
 the one error envelope every API error is rendered in."""
 
+import datetime
 import hashlib
 import json
 import logging
 import math
 import secrets
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.http import HttpRequest, JsonResponse
 from rest_framework import exceptions as drf_exceptions
@@ -105,10 +108,12 @@ def _tool_calls_check(tool_calls: Any, param: str) -> None:
             raise _fail("Each tool call needs id, type 'function' and function.name/arguments strings.", f"{param}.{i}")
 
 
-def _messages_check(messages: Any) -> list[dict]:
+def _messages_check(messages: Any, *, resume: bool = False) -> list[dict]:
+    if messages is None and resume:
+        return []
     if messages is None:
         raise _fail("messages is required.", "messages")
-    if not isinstance(messages, list) or not messages:
+    if not isinstance(messages, list) or not (messages or resume):
         raise _fail("messages must be a non-empty array.", "messages")
     for i, message in enumerate(messages):
         param = f"messages.{i}"
@@ -125,7 +130,7 @@ def _messages_check(messages: Any) -> list[dict]:
         _content_check(message.get("content"), f"{param}.content", nullable=has_tool_calls)
         if role == "tool" and not isinstance(message.get("tool_call_id"), str):
             raise _fail("A tool message needs a tool_call_id string.", f"{param}.tool_call_id")
-    if not any(m["role"] == "user" for m in messages):
+    if not resume and not any(m["role"] == "user" for m in messages):
         raise _fail("messages must contain at least one user message.", "messages")
     return messages
 
@@ -197,10 +202,11 @@ def client_request_id(body: dict) -> str | None:
     return request_id if isinstance(request_id, str) and 0 < len(request_id) <= 128 else None
 
 
-def chat_request_parse(body: dict) -> ChatRequest:
-    """Validate a completions body; every violation is a 400 naming its field."""
+def chat_request_parse(body: dict, *, resume: bool = False) -> ChatRequest:
+    """Validate a completions body; every violation is a 400 naming its field. A resume's messages
+    are optional (they are appended after the tool results)."""
     group_id = _group_id_parse(body.get("model"))
-    messages = _messages_check(body.get("messages"))
+    messages = _messages_check(body.get("messages"), resume=resume)
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise _fail("stream must be a boolean.", "stream")
@@ -227,6 +233,45 @@ def chat_request_parse(body: dict) -> ChatRequest:
         passthrough=_passthrough_check(body),
         body_hash=hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest(),
     )
+
+
+@dataclass
+class ResumeRequest:
+    chat: ChatRequest
+    approval_id: uuid.UUID
+    approved: set[uuid.UUID]
+    denied: dict[uuid.UUID, str]  # tool execution id → reason
+
+
+def _uuid_parse(value: Any, param: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except (TypeError, ValueError, AttributeError):
+        raise _fail("Must be a UUID string.", param) from None
+
+
+def resume_request_parse(body: dict) -> ResumeRequest:
+    """Validate a resume body: the completions fields plus the approval and the API's decisions."""
+    chat = chat_request_parse(body, resume=True)
+    if body.get("approval_id") is None:
+        raise _fail("approval_id is required.", "approval_id")
+    approval_id = _uuid_parse(body["approval_id"], "approval_id")
+    approved_ids = body.get("approved_tool_execution_ids") or []
+    if not isinstance(approved_ids, list):
+        raise _fail("approved_tool_execution_ids must be an array of UUIDs.", "approved_tool_execution_ids")
+    approved = {_uuid_parse(v, f"approved_tool_execution_ids.{i}") for i, v in enumerate(approved_ids)}
+    denied_items = body.get("denied_tools") or []
+    if not isinstance(denied_items, list):
+        raise _fail("denied_tools must be an array of {tool_execution_id, reason}.", "denied_tools")
+    denied = {}
+    for i, item in enumerate(denied_items):
+        if not isinstance(item, dict):
+            raise _fail("Each denied tool must be an object.", f"denied_tools.{i}")
+        reason = item.get("reason") or ""
+        if not isinstance(reason, str):
+            raise _fail("reason must be a string.", f"denied_tools.{i}.reason")
+        denied[_uuid_parse(item.get("tool_execution_id"), f"denied_tools.{i}.tool_execution_id")] = reason
+    return ResumeRequest(chat=chat, approval_id=approval_id, approved=approved, denied=denied)
 
 
 # --- Responses ------------------------------------------------------------------------------------
@@ -334,3 +379,82 @@ def api_exception_handler(exc: Exception, context: dict) -> Response:
         error.status, error.type = 500, "server_error"
     headers = {"WWW-Authenticate": 'Bearer realm="kitemesh"'} if error.status == 401 else None
     return Response(error_body(error, request_id_of(request)), status=error.status, headers=headers)
+
+
+# --- KiteMesh resources ---------------------------------------------------------------------------
+
+
+def iso(moment: Any) -> str | None:
+    """ISO 8601 in UTC with a Z, as the SPEC's expires_at."""
+    return moment.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z") if moment else None
+
+
+def tool_execution_body(te: Any, *, redact: Callable[[Any, dict], dict]) -> dict:
+    """A tool call as approvers and clients see it: where it goes, with secrets redacted."""
+    url = urlsplit(te.tool.url) if te.tool else None
+    try:
+        arguments = json.loads(te.arguments)
+    except ValueError:
+        arguments = {"_unparsed": "[not valid JSON]"}
+    if te.tool and isinstance(arguments, dict):
+        arguments = redact(te.tool, arguments)
+    return {
+        "id": str(te.id),
+        "tool": te.tool_name,
+        "method": te.tool.method if te.tool else None,
+        "host": url.hostname if url else None,
+        "path": url.path if url else None,
+        "arguments": arguments,
+        "risk": te.risk,
+        "requires_approval": te.requires_approval,
+        "status": te.status,
+        "decision": te.decision,
+        "reason": te.decision_reason,
+        "decided_by": te.decided_by or None,
+        "decided_via": te.decided_via or None,
+        "decided_at": iso(te.decided_at),
+    }
+
+
+def approval_body(approval: Any, *, redact: Callable[[Any, dict], dict]) -> dict:
+    return {
+        "object": "approval",
+        "id": str(approval.id),
+        "status": approval.status,
+        "execution_id": str(approval.execution_id),
+        "model": f"group:{approval.group_id}",
+        "created_at": iso(approval.created_at),
+        "expires_at": iso(approval.expires_at),
+        "tool_executions": [tool_execution_body(te, redact=redact) for te in approval.tool_executions.all()],
+    }
+
+
+def execution_body(execution: Any) -> dict:
+    steps = [
+        {
+            "kind": s.kind,
+            **({"tool": s.model_name} if s.kind == "tool_call" else {"model": s.model_name, "agent": s.agent or None}),
+            "status": s.status,
+            "prompt_tokens": s.prompt_tokens,
+            "completion_tokens": s.completion_tokens,
+            "usage_estimated": s.usage_estimated,
+            "latency_ms": s.latency_ms,
+            "error": s.error or None,
+        }
+        for s in execution.steps.all()
+    ]
+    return {
+        "object": "execution",
+        "id": str(execution.id),
+        "status": execution.status,
+        "model": f"group:{execution.group_id}" if execution.group_id else None,
+        "group": execution.group.name if execution.group else None,
+        "mode": execution.mode,
+        "request_id": execution.request_id,
+        "created_at": iso(execution.created_at),
+        "finished_at": iso(execution.finished_at),
+        "usage": usage_body(execution.prompt_tokens, execution.completion_tokens),
+        "credits_charged": execution.credits_charged,
+        "steps": steps,
+        "approvals": [{"id": str(a.id), "status": a.status} for a in execution.approvals.all()],
+    }

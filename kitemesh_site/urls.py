@@ -1,11 +1,22 @@
 from django.contrib import admin
 from django.urls import path, re_path
 
-from chat.api import ChatCompletionCreateApi, CreditBalanceApi, ModelListApi, api_not_found_view
+from chat.api import (
+    ApprovalDetailApi,
+    ChatCompletionCreateApi,
+    ChatResumeApi,
+    CreditBalanceApi,
+    ExecutionDetailApi,
+    ModelListApi,
+    api_not_found_view,
+)
 from kitemesh_site.health import healthz_view, readyz_view
 
 urlpatterns = [
     path("v1/chat/completions", ChatCompletionCreateApi.as_view()),
+    path("v1/chat/resume", ChatResumeApi.as_view()),
+    path("v1/approvals/<str:approval_id>", ApprovalDetailApi.as_view()),
+    path("v1/executions/<str:execution_id>", ExecutionDetailApi.as_view()),
     path("v1/models", ModelListApi.as_view()),
     path("v1/credits", CreditBalanceApi.as_view()),
     path("healthz", healthz_view),

@@ -111,3 +111,20 @@ def hold_settle(*, hold: Hold, cost: Decimal) -> int:
         )
     LedgerEntry.objects.bulk_create(entries)
     return charge
+
+
+def hold_reserve(*, execution: Execution, hold: Hold | None, amount: int) -> Hold:
+    """Reserve `amount` more for a running execution: extend its hold, or open one. Raises
+    InsufficientCredits when the team cannot cover it. Owns its transaction (one step of a run)."""
+    with transaction.atomic(durable=True):
+        if hold is None:
+            return hold_create(execution=execution, amount=amount)
+        account = _account_lock(execution.team_id)
+        if account.available < amount:
+            raise InsufficientCredits(
+                f"The next step may cost up to {amount} credits; the team has {max(account.available, 0)} available."
+            )
+        Hold.objects.filter(pk=hold.pk).update(amount=F("amount") + amount)
+        hold.amount += amount
+        _entry_write(account, kind=LedgerEntry.Kind.HOLD, amount=amount, held=amount, execution=execution)
+        return hold

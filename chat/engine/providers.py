@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -206,9 +207,15 @@ def _usage(reported: dict, messages: list[dict], completion_length: int) -> Usag
 # --- The offline scripted model -------------------------------------------------------------------
 
 
+TOOL_DIRECTIVE = re.compile(r"^!tool\s+([A-Za-z0-9_-]+)\s*(.*)$", re.MULTILINE)
+
+
 class ScriptedProvider:
     """Deterministic and offline (rules in README, "The scripted model"):
-    - the reply is `Scripted reply: <last user message>`; a system instruction is not echoed;
+    - after tool results (the last message is a tool message) it answers `Tool results: <contents>`;
+    - else each line `!tool NAME {json}` of the last user message becomes a call of tool NAME with
+      those arguments (ids call_1, call_2, …);
+    - else it answers `Scripted reply: <last user message>`; a system instruction is not echoed;
     - a last user message containing `!fail` makes the call fail like an upstream answering HTTP 500;
     - `max_tokens` cuts the reply to that many tokens (4 characters each) with finish_reason `length`;
     - usage counts ceil(characters / 4) of the prompt and of the reply;
@@ -219,21 +226,39 @@ class ScriptedProvider:
         last_user = next((message_text(m) for m in reversed(messages) if m["role"] == "user"), "")
         if "!fail" in last_user:
             raise UpstreamError(f"The upstream model {endpoint.name!r} answered HTTP 500.")
-        content, finish_reason = f"Scripted reply: {last_user}", "stop"
+        tool_calls = []
+        if messages[-1]["role"] == "tool":
+            results = [message_text(m) for m in messages[_tool_results_start(messages) :]]
+            content, finish_reason = "Tool results: " + " | ".join(results), "stop"
+        else:
+            tool_calls = [
+                {"id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": args.strip() or "{}"}}
+                for i, (name, args) in enumerate(TOOL_DIRECTIVE.findall(last_user), start=1)
+            ]
+            content, finish_reason = (None, "tool_calls") if tool_calls else (f"Scripted reply: {last_user}", "stop")
         max_tokens = params.get("max_tokens")
-        if max_tokens and len(content) > max_tokens * 4:
+        if content and max_tokens and len(content) > max_tokens * 4:
             content, finish_reason = content[: max_tokens * 4], "length"
-        usage = Usage(tokens_estimate(prompt_length(messages)), tokens_estimate(len(content)))
-        return ModelReply(content=content, finish_reason=finish_reason, usage=usage)
+        produced = len(content or "") + sum(len(c["function"]["name"] + c["function"]["arguments"]) for c in tool_calls)
+        usage = Usage(tokens_estimate(prompt_length(messages)), tokens_estimate(produced))
+        return ModelReply(content=content, finish_reason=finish_reason, usage=usage, tool_calls=tool_calls)
 
     async def stream(
         self, endpoint: ModelEndpoint, messages: list[dict], params: dict
     ) -> AsyncIterator[str | ModelReply]:
         reply = await self.complete(endpoint, messages, params)
-        words = (reply.content or "").split(" ")
+        words = (reply.content or "").split(" ") if reply.content else []
         for i, word in enumerate(words):
             yield word if i == len(words) - 1 else word + " "
         yield reply
+
+
+def _tool_results_start(messages: list[dict]) -> int:
+    """Index of the first of the trailing tool messages."""
+    start = len(messages)
+    while start > 0 and messages[start - 1]["role"] == "tool":
+        start -= 1
+    return start
 
 
 PROVIDERS: dict[str, Provider] = {"openai": OpenAIProvider(), "scripted": ScriptedProvider()}

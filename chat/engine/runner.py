@@ -1,11 +1,15 @@
-"""The run of one request through a group: resolve the mode, hold credits, call the brain (answer or
-stream), record every model call as a step, settle. Database work crosses to the sync layer once per
-transaction; nothing here blocks the event loop."""
+"""The run of one request through a group: resolve the mode, hold credits, call the brain, run its
+tool calls round by round (pausing for approval when a tool needs it), record every model call and
+tool run as a step, settle. `run_events` is the one loop; `run_complete` and `run_stream` render its
+events as JSON or SSE. Database work crosses to the sync layer once per transaction."""
 
 import asyncio
+import hashlib
+import json
 import math
 import secrets
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -13,15 +17,32 @@ from decimal import Decimal
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
+from approvals.models import Approval
+from approvals.services import ResumeClaim, approval_pause
 from billing.models import Hold
+from billing.services.ledger import hold_reserve
 from chat.engine.providers import ModelEndpoint, ModelReply, Usage, prompt_length, provider_for, tokens_estimate
-from chat.errors import ApiError, InvalidRequest, api_error_restore
-from chat.models import ApiToken, CustomModel, Execution, Group, Mode, Step
+from chat.engine.tools import (
+    ToolArgumentsInvalid,
+    ToolResult,
+    tool_arguments_parse,
+    tool_call_run,
+    tool_risk,
+    tool_spec,
+)
+from chat.errors import ApiError, InvalidRequest, UpstreamError, api_error_restore
+from chat.models import ApiToken, CustomModel, Execution, Group, Mode, Step, Tool, ToolExecution
 from chat.selectors import model_endpoint_get
-from chat.services.executions import execution_finish, execution_start
-from chat.wire import SSE_DONE, ChatRequest, chunk_body, completion_body, error_body, sse_event, usage_body
+from chat.services.executions import (
+    execution_finish,
+    execution_start,
+    tool_execution_finish,
+    tool_execution_start,
+)
+from chat.wire import SSE_DONE, ChatRequest, chunk_body, completion_body, error_body, sse_event
 
 AVAILABLE_MODES = {Mode.NORMAL}
+MAX_TOOL_ROUNDS = 8  # brain calls that ask for tools, in a row, before the run is stopped
 
 
 def mode_resolve(group: Group, requested: str | None) -> str:
@@ -39,27 +60,53 @@ def model_cost(model: CustomModel, usage: Usage) -> Decimal:
     return (usage.prompt_tokens * model.input_per_1k + usage.completion_tokens * model.output_per_1k) / 1000
 
 
-def hold_amount_for(model: CustomModel, messages: list[dict], max_tokens: int) -> int:
-    """The worst case of one brain call: the prompt as estimated plus every allowed output token."""
-    return math.ceil(model_cost(model, Usage(tokens_estimate(prompt_length(messages)), max_tokens)))
+def call_worst_case(model: CustomModel, messages: list[dict], tools: list[dict], max_tokens: int) -> int:
+    """The most one model call can cost: its prompt (and tool specs) as estimated, plus every allowed
+    output token."""
+    prompt = tokens_estimate(prompt_length(messages) + len(json.dumps(tools)) if tools else prompt_length(messages))
+    return math.ceil(model_cost(model, Usage(prompt, max_tokens)))
+
+
+def tools_price(tools: list[Tool | None]) -> int:
+    return math.ceil(sum((t.price for t in tools if t is not None), Decimal(0)))
+
+
+def arguments_hash(arguments: str) -> str:
+    return hashlib.sha256(arguments.encode()).hexdigest()
+
+
+@dataclass
+class Answer:
+    reply: ModelReply
+
+
+@dataclass
+class Pause:
+    approval: Approval
+    response: dict  # the pause answer, with its kitemesh approval_id, expires_at and credits_charged
 
 
 @dataclass
 class Run:
+    """One request's run: what it sends, what it has reserved, and the steps it has taken."""
+
     execution: Execution
     hold: Hold | None
     group: Group
     request: ChatRequest
+    request_id: str  # this request's (a resume has its own; the execution keeps the first)
     endpoint: ModelEndpoint
     messages: list[dict]
     params: dict
+    tools: dict[str, Tool]
+    reserved: int = 0  # worst case of the steps taken or started, covered by `hold`
     steps: list[Step] = field(default_factory=list)
     completion_id: str = field(default_factory=lambda: "chatcmpl_" + secrets.token_hex(12))
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
-    def request_id(self) -> str:
-        return self.execution.request_id
+    def brain(self) -> CustomModel:
+        return self.group.brain
 
     def kitemesh(self, credits_charged: int | None = None) -> dict:
         body = {"execution_id": str(self.execution.id), "request_id": self.request_id}
@@ -67,25 +114,59 @@ class Run:
             body["credits_charged"] = credits_charged
         return body
 
-    def step_record(self, model: CustomModel, usage: Usage, started: float, status: str, error: str = "") -> None:
+    def tool_specs(self) -> list[dict]:
+        return [tool_spec(t) for t in self.tools.values()]
+
+    async def reserve(self, amount: int) -> None:
+        """Make the hold cover the next step too (402 mid-run when the team cannot)."""
+        if self.hold is not None and self.reserved + amount <= self.hold.amount:
+            self.reserved += amount
+            return
+        extra = self.reserved + amount - (self.hold.amount if self.hold else 0)
+        if extra > 0:
+            self.hold = await sync_to_async(hold_reserve)(execution=self.execution, hold=self.hold, amount=extra)
+        self.reserved += amount
+
+    def step_model(self, usage: Usage, started: float, status: str, error: str = "") -> None:
         self.steps.append(
             Step(
                 execution=self.execution,
                 kind=Step.Kind.MODEL_CALL,
-                custom_model=model,
-                model_name=model.model,
+                custom_model=self.brain,
+                model_name=self.brain.model,
                 status=status,
                 prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens,
                 usage_estimated=usage.estimated,
-                cost=model_cost(model, usage),
+                cost=model_cost(self.brain, usage),
                 latency_ms=int((time.monotonic() - started) * 1000),
                 error=error[:500],
             )
         )
 
+    def step_tool(self, tool_execution: ToolExecution, tool: Tool, result: ToolResult, started: float) -> None:
+        self.steps.append(
+            Step(
+                execution=self.execution,
+                kind=Step.Kind.TOOL_CALL,
+                tool_execution=tool_execution,
+                model_name=tool.name,
+                status=Step.Status.SUCCEEDED if result.ok else Step.Status.FAILED,
+                cost=tool.price if result.sent else Decimal(0),
+                latency_ms=int((time.monotonic() - started) * 1000),
+                error=result.error[:500],
+            )
+        )
+
     def usage(self) -> dict:
-        return usage_body(sum(s.prompt_tokens for s in self.steps), sum(s.completion_tokens for s in self.steps))
+        prompt = sum(s.prompt_tokens for s in self.steps)
+        completion = sum(s.completion_tokens for s in self.steps)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def partial_usage(self, produced: str) -> Usage:
+        """What a call cut short has used, estimated (the upstream reports usage only at the end).
+        A call that failed before producing anything is not charged; see README, Billing."""
+        return Usage(tokens_estimate(prompt_length(self.messages)), tokens_estimate(len(produced)), estimated=True)
 
     async def finish(self, status: str, *, response: dict | None = None, error: ApiError | None = None) -> int:
         # Shielded: a client that disconnects must not cancel the settlement of what it used.
@@ -100,10 +181,148 @@ class Run:
             )
         )
 
-    def partial_usage(self, produced: str) -> Usage:
-        """What a call cut short has used, estimated (the upstream reports usage only at the end).
-        A call that failed before producing anything is not charged; see README, Billing."""
-        return Usage(tokens_estimate(prompt_length(self.messages)), tokens_estimate(len(produced)), estimated=True)
+    async def brain_call(self) -> AsyncIterator[str | ModelReply]:
+        """One brain call, reserved first and recorded as a step whatever happens: text deltas (when
+        streaming), then the reply."""
+        specs = self.tool_specs()
+        params = {**self.params, "tools": specs} if specs else self.params
+        await self.reserve(call_worst_case(self.brain, self.messages, specs, self.params["max_tokens"]))
+        provider, started, produced = provider_for(self.endpoint), time.monotonic(), []
+        try:
+            if self.request.stream:
+                async for item in provider.stream(self.endpoint, self.messages, params):
+                    if isinstance(item, ModelReply):
+                        reply = item
+                    else:
+                        produced.append(item)
+                        yield item
+            else:
+                reply = await provider.complete(self.endpoint, self.messages, params)
+        except ApiError as error:
+            used = self.partial_usage("".join(produced)) if produced else Usage()
+            self.step_model(used, started, Step.Status.FAILED, error.message)
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            self.step_model(
+                self.partial_usage("".join(produced)), started, Step.Status.CANCELLED, "client disconnected"
+            )
+            raise
+        self.step_model(reply.usage, started, Step.Status.SUCCEEDED)
+        yield reply
+
+    def round_record(self, reply: ModelReply) -> list[ToolExecution]:
+        """The brain's tool calls as tool executions (not saved yet), and its message in the conversation."""
+        self.messages.append({"role": "assistant", "content": reply.content, "tool_calls": reply.tool_calls})
+        calls = []
+        for call in reply.tool_calls:
+            tool = self.tools.get(call["function"]["name"])
+            arguments = call["function"]["arguments"] or "{}"
+            calls.append(
+                ToolExecution(
+                    execution=self.execution,
+                    tool=tool,
+                    tool_name=call["function"]["name"],
+                    call_id=call.get("id") or f"call_{uuid.uuid4().hex[:12]}",
+                    arguments=arguments,
+                    arguments_hash=arguments_hash(arguments),
+                    requires_approval=bool(tool and tool.requires_approval),
+                    risk=tool_risk(tool) if tool else Tool.Risk.HIGH,
+                    status=ToolExecution.Status.PENDING
+                    if tool and tool.requires_approval
+                    else ToolExecution.Status.APPROVED,
+                    decided_via="" if tool and tool.requires_approval else ToolExecution.DecidedVia.AUTO,
+                )
+            )
+        return calls
+
+    async def tools_run(self, calls: list[ToolExecution]) -> None:
+        """Run the approved calls (in parallel, each exactly once), tell the model about the denied and
+        the unknown ones; tool messages follow in the order the model asked."""
+        await self.reserve(tools_price([c.tool for c in calls if c.status == ToolExecution.Status.APPROVED]))
+        contents = await asyncio.gather(*(self.tool_message(c) for c in calls))
+        for call, content in zip(calls, contents, strict=True):
+            self.messages.append({"role": "tool", "tool_call_id": call.call_id, "content": content})
+
+    async def tool_message(self, call: ToolExecution) -> str:
+        if call.tool is None:
+            return json.dumps({"error": f"There is no tool named {call.tool_name!r} for this request."})
+        if call.status == ToolExecution.Status.DENIED:
+            reason = f": {call.decision_reason}" if call.decision_reason else ""
+            return json.dumps({"error": f"The tool call was denied by {call.decided_by or 'the approver'}{reason}"})
+        if not await sync_to_async(tool_execution_start)(tool_execution=call):
+            return json.dumps({"error": "This tool call was already run."})
+        started = time.monotonic()
+        result = await _tool_result(call)
+        await sync_to_async(tool_execution_finish)(
+            tool_execution=call, ok=result.ok, status_code=result.status_code, body=result.body, error=result.error
+        )
+        self.step_tool(call, call.tool, result, started)
+        return result.model_content()
+
+    async def pause(self, calls: list[ToolExecution]) -> Pause:
+        waiting = [c for c in calls if c.requires_approval]
+        tool_calls = [
+            {"id": str(c.id), "type": "function", "function": {"name": c.tool_name, "arguments": c.arguments}}
+            for c in waiting
+        ]
+        response = completion_body(
+            completion_id=self.completion_id,
+            created=self.created,
+            model=self.request.model,
+            message={"role": "assistant", "content": None, "tool_calls": tool_calls},
+            finish_reason="tool_calls",
+            usage=self.usage(),
+            kitemesh=self.kitemesh(),
+        )
+        paused = await sync_to_async(approval_pause)(
+            execution=self.execution,
+            group=self.group,
+            hold=self.hold,
+            steps=self.steps,
+            tool_executions=calls,
+            state={"messages": self.messages, "params": self.params},
+            hold_amount=tools_price([c.tool for c in calls]),
+            response=response,
+        )
+        return Pause(approval=paused.approval, response=response)
+
+
+async def _tool_result(call: ToolExecution) -> ToolResult:
+    """What was approved is what is sent: the stored arguments, re-checked against their hash."""
+    if arguments_hash(call.arguments) != call.arguments_hash:
+        return ToolResult(sent=False, status_code=None, body="", error="The arguments changed after approval.")
+    try:
+        arguments = tool_arguments_parse(call.tool, call.arguments)
+    except ToolArgumentsInvalid as exc:
+        return ToolResult(sent=False, status_code=None, body="", error=f"Invalid arguments, not sent: {exc}")
+    return await tool_call_run(tool=call.tool, arguments=arguments)
+
+
+async def run_events(run: Run) -> AsyncIterator[str | Answer | Pause]:
+    """The loop: brain → tool calls → tools (or a pause for approval) → brain, until it answers."""
+    for _ in range(MAX_TOOL_ROUNDS):
+        reply = None
+        async for item in run.brain_call():
+            if isinstance(item, ModelReply):
+                reply = item
+            else:
+                yield item
+        if not reply.tool_calls:
+            yield Answer(reply)
+            return
+        calls = run.round_record(reply)
+        if any(c.requires_approval for c in calls):
+            yield await run.pause(calls)
+            return
+        await sync_to_async(ToolExecution.objects.bulk_create)(calls)
+        await run.tools_run(calls)
+    raise UpstreamError(
+        f"The brain asked for tools {MAX_TOOL_ROUNDS} rounds in a row; the run was stopped.",
+        code="tool_rounds_exceeded",
+    )
+
+
+# --- Starting a run -------------------------------------------------------------------------------
 
 
 @dataclass
@@ -118,11 +337,19 @@ class Replay:
         return self.execution.response
 
 
-async def run_start(*, token: ApiToken, group: Group, request: ChatRequest, request_id: str) -> Run | Replay:
+def _max_tokens(group: Group, request: ChatRequest) -> int:
+    return request.max_tokens or group.max_output_tokens or settings.KITEMESH_DEFAULT_MAX_OUTPUT_TOKENS
+
+
+async def run_start(
+    *, token: ApiToken, group: Group, tools: list[Tool], request: ChatRequest, request_id: str
+) -> Run | Replay:
     mode = mode_resolve(group, request.mode)
     brain = group.brain
     messages = ([{"role": "system", "content": brain.system}] if brain.system else []) + request.messages
-    max_tokens = request.max_tokens or group.max_output_tokens or settings.KITEMESH_DEFAULT_MAX_OUTPUT_TOKENS
+    params = {**request.upstream_params(), "max_tokens": _max_tokens(group, request)}
+    specs = [tool_spec(t) for t in tools]
+    first_call = call_worst_case(brain, messages, specs, params["max_tokens"])
     start = await sync_to_async(execution_start)(
         token=token,
         group=group,
@@ -132,7 +359,7 @@ async def run_start(*, token: ApiToken, group: Group, request: ChatRequest, requ
         body_hash=request.body_hash,
         stream=request.stream,
         metadata=request.metadata,
-        hold_amount=hold_amount_for(brain, messages, max_tokens),
+        hold_amount=first_call,
     )
     if start.replayed:
         return Replay(start.execution)
@@ -141,105 +368,138 @@ async def run_start(*, token: ApiToken, group: Group, request: ChatRequest, requ
         hold=start.hold,
         group=group,
         request=request,
+        request_id=request_id,
         endpoint=model_endpoint_get(brain),
         messages=messages,
-        params={**request.upstream_params(), "max_tokens": max_tokens},
+        params=params,
+        tools={t.name: t for t in tools},
     )
 
 
-def _message(reply: ModelReply) -> dict:
-    message: dict = {"role": "assistant", "content": reply.content}
-    if reply.tool_calls:
-        message["tool_calls"] = reply.tool_calls
-    return message
+async def run_resume(*, claim: ResumeClaim, tools: list[Tool], request: ChatRequest, request_id: str) -> Run:
+    """Continue a paused run: the round's tools run (or are refused), the resume's messages follow."""
+    state = claim.approval.state
+    group = claim.approval.group
+    run = Run(
+        execution=claim.execution,
+        hold=claim.hold,
+        group=group,
+        request=request,
+        request_id=request_id,
+        endpoint=model_endpoint_get(group.brain),
+        messages=state["messages"],
+        params={
+            **state["params"],
+            **request.upstream_params(),
+            "max_tokens": request.max_tokens or state["params"]["max_tokens"],
+        },
+        tools={t.name: t for t in tools},
+    )
+    run.reserved = claim.hold.amount if claim.hold else 0  # the claim held exactly the round's tools
+    run.reserved -= tools_price([c.tool for c in claim.tool_executions if c.status == ToolExecution.Status.APPROVED])
+    try:
+        await run.tools_run(claim.tool_executions)
+    except (ApiError, asyncio.CancelledError) as exc:
+        await run.finish(Execution.Status.FAILED, error=exc if isinstance(exc, ApiError) else None)
+        raise
+    run.messages.extend(request.messages)
+    return run
+
+
+def resume_hold_amount(round_calls: list[ToolExecution]) -> int:
+    """What a resume holds when it claims the approval: the prices of the tools it will run (its brain
+    calls reserve their own worst case as they come)."""
+    return tools_price([c.tool for c in round_calls if c.status != ToolExecution.Status.DENIED and c.tool is not None])
+
+
+# --- Rendering ------------------------------------------------------------------------------------
+
+
+def _delta_tool_calls(tool_calls: list[dict]) -> list[dict]:
+    return [{"index": i, **call} for i, call in enumerate(tool_calls)]
 
 
 async def run_complete(run: Run) -> dict:
-    """Answer a non-stream request."""
-    brain, started = run.group.brain, time.monotonic()
+    """Answer a request with one JSON body: the final answer, or the approval pause."""
     try:
-        reply = await provider_for(run.endpoint).complete(run.endpoint, run.messages, run.params)
+        async for event in run_events(run):
+            if isinstance(event, Pause):
+                return event.response
+            if isinstance(event, Answer):
+                body = completion_body(
+                    completion_id=run.completion_id,
+                    created=run.created,
+                    model=run.request.model,
+                    message={"role": "assistant", "content": event.reply.content},
+                    finish_reason=event.reply.finish_reason,
+                    usage=run.usage(),
+                    kitemesh=run.kitemesh(credits_charged=0),
+                )
+                await run.finish(Execution.Status.SUCCEEDED, response=body)
+                return body
     except ApiError as error:
-        run.step_record(brain, Usage(), started, Step.Status.FAILED, error.message)
         await run.finish(Execution.Status.FAILED, error=error)
         raise
     except asyncio.CancelledError:
-        run.step_record(brain, run.partial_usage(""), started, Step.Status.CANCELLED, "client disconnected")
         await run.finish(Execution.Status.CANCELLED)
         raise
-    run.step_record(brain, reply.usage, started, Step.Status.SUCCEEDED)
-    body = completion_body(
-        completion_id=run.completion_id,
-        created=run.created,
-        model=run.request.model,
-        message=_message(reply),
-        finish_reason=reply.finish_reason,
-        usage=run.usage(),
-        kitemesh=run.kitemesh(credits_charged=0),
-    )
-    await run.finish(Execution.Status.SUCCEEDED, response=body)
-    return body
+    raise AssertionError("run_events ends with an answer or a pause")
 
 
 async def run_stream(run: Run) -> AsyncIterator[bytes]:
-    """Relay the brain's stream chunk by chunk. An error before the first chunk is raised (the view
-    answers it with its HTTP status); after that it is sent as one error event, then [DONE]."""
-    brain, started = run.group.brain, time.monotonic()
+    """Relay the run as SSE, text as the brain produces it. An error before the first event is raised
+    (the view answers it with its HTTP status); after that it is one error event, then [DONE]."""
     chunk = {"completion_id": run.completion_id, "created": run.created, "model": run.request.model}
-    produced: list[str] = []
-    reply: ModelReply | None = None
+    opening = sse_event(chunk_body(**chunk, delta={"role": "assistant", "content": ""}))
+    sent = False
     try:
-        async for item in provider_for(run.endpoint).stream(run.endpoint, run.messages, run.params):
-            if isinstance(item, ModelReply):
-                reply = item
+        async for event in run_events(run):
+            if not sent:
+                sent = True
+                yield opening
+            if isinstance(event, str):
+                yield sse_event(chunk_body(**chunk, delta={"content": event}))
                 continue
-            if not produced:
-                yield sse_event(chunk_body(**chunk, delta={"role": "assistant", "content": ""}))
-            produced.append(item)
-            yield sse_event(chunk_body(**chunk, delta={"content": item}))
+            if isinstance(event, Answer):
+                final = completion_body(
+                    **chunk,
+                    message={"role": "assistant", "content": event.reply.content},
+                    finish_reason=event.reply.finish_reason,
+                    usage=run.usage(),
+                    kitemesh=run.kitemesh(credits_charged=0),
+                )
+                await run.finish(Execution.Status.SUCCEEDED, response=final)
+                finish_reason, delta, kitemesh = event.reply.finish_reason, {}, final["kitemesh"]
+            else:
+                tool_calls = event.response["choices"][0]["message"]["tool_calls"]
+                finish_reason, delta = "tool_calls", {"tool_calls": _delta_tool_calls(tool_calls)}
+                kitemesh = event.response["kitemesh"]
+            yield sse_event(chunk_body(**chunk, delta=delta, finish_reason=finish_reason, kitemesh=kitemesh))
+            if run.request.include_usage:
+                yield sse_event(chunk_body(**chunk, usage=run.usage()))
+            yield SSE_DONE
+            return
     except ApiError as error:
-        used = run.partial_usage("".join(produced)) if produced else Usage()
-        run.step_record(brain, used, started, Step.Status.FAILED, error.message)
         await run.finish(Execution.Status.FAILED, error=error)
-        if not produced:
+        if not sent:
             raise
         yield sse_event(error_body(error, run.request_id))
         yield SSE_DONE
-        return
     except (asyncio.CancelledError, GeneratorExit):
-        run.step_record(
-            brain, run.partial_usage("".join(produced)), started, Step.Status.CANCELLED, "client disconnected"
-        )
         await run.finish(Execution.Status.CANCELLED)
         raise
-    assert reply is not None, "a provider stream ends with its ModelReply"
-    run.step_record(brain, reply.usage, started, Step.Status.SUCCEEDED)
-    if not produced:
-        yield sse_event(chunk_body(**chunk, delta={"role": "assistant", "content": ""}))
-    final = completion_body(
-        completion_id=run.completion_id,
-        created=run.created,
-        model=run.request.model,
-        message=_message(reply),
-        finish_reason=reply.finish_reason,
-        usage=run.usage(),
-        kitemesh=run.kitemesh(credits_charged=0),
-    )
-    charged = await run.finish(Execution.Status.SUCCEEDED, response=final)
-    yield sse_event(chunk_body(**chunk, delta={}, finish_reason=reply.finish_reason, kitemesh=run.kitemesh(charged)))
-    if run.request.include_usage:
-        yield sse_event(chunk_body(**chunk, usage=run.usage()))
-    yield SSE_DONE
 
 
 async def replay_stream(body: dict, include_usage: bool) -> AsyncIterator[bytes]:
     """An earlier result sent again as a stream, for a repeated request_id."""
     chunk = {"completion_id": body["id"], "created": body["created"], "model": body["model"]}
     choice = body["choices"][0]
+    message = choice["message"]
     yield sse_event(chunk_body(**chunk, delta={"role": "assistant", "content": ""}))
-    if choice["message"].get("content"):
-        yield sse_event(chunk_body(**chunk, delta={"content": choice["message"]["content"]}))
-    yield sse_event(chunk_body(**chunk, delta={}, finish_reason=choice["finish_reason"], kitemesh=body["kitemesh"]))
+    if message.get("content"):
+        yield sse_event(chunk_body(**chunk, delta={"content": message["content"]}))
+    delta = {"tool_calls": _delta_tool_calls(message["tool_calls"])} if message.get("tool_calls") else {}
+    yield sse_event(chunk_body(**chunk, delta=delta, finish_reason=choice["finish_reason"], kitemesh=body["kitemesh"]))
     if include_usage:
         yield sse_event(chunk_body(**chunk, usage=body["usage"]))
     yield SSE_DONE

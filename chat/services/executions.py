@@ -10,7 +10,7 @@ from django.utils import timezone
 from billing.models import Hold
 from billing.services.ledger import hold_create, hold_settle
 from chat.errors import ApiError, Conflict
-from chat.models import ApiToken, Execution, Group, Step
+from chat.models import ApiToken, Execution, Group, Step, ToolExecution
 
 
 @dataclass
@@ -81,6 +81,19 @@ def execution_start(
     return ExecutionStart(execution=execution, hold=hold)
 
 
+def execution_settle(*, execution: Execution, hold: Hold | None, steps: list[Step]) -> int:
+    """Write one request's steps, settle its hold into one charge and add its usage to the execution's
+    totals (a run that pauses and resumes is several requests). Runs inside the caller's transaction;
+    returns the credits charged for this request."""
+    Step.objects.bulk_create(steps)
+    cost = sum((s.cost for s in steps), Decimal(0))
+    charged = hold_settle(hold=hold, cost=cost) if hold is not None else 0
+    execution.prompt_tokens += sum(s.prompt_tokens for s in steps)
+    execution.completion_tokens += sum(s.completion_tokens for s in steps)
+    execution.credits_charged += charged
+    return charged
+
+
 @transaction.atomic(durable=True)
 def execution_finish(
     *,
@@ -91,20 +104,16 @@ def execution_finish(
     response: dict | None = None,
     error: ApiError | None = None,
 ) -> int:
-    """Write the steps, settle the hold into one charge, record the outcome; returns credits charged.
-    A `response` body gets its final `kitemesh.credits_charged` here, so a replay shows the same."""
-    Step.objects.bulk_create(steps)
-    cost = sum((s.cost for s in steps), Decimal(0))
-    charged = hold_settle(hold=hold, cost=cost) if hold is not None else 0
+    """Settle the request and record the run's outcome; returns credits charged for this request.
+    A `response` body gets its final `kitemesh.credits_charged` here. The first result of an execution
+    is kept for replays of its request_id (a resumed run's later answers do not replace it)."""
+    charged = execution_settle(execution=execution, hold=hold, steps=steps)
     execution.status = status
-    execution.prompt_tokens = sum(s.prompt_tokens for s in steps)
-    execution.completion_tokens = sum(s.completion_tokens for s in steps)
-    execution.credits_charged = charged
     execution.finished_at = timezone.now()
     if response is not None:
         response["kitemesh"]["credits_charged"] = charged
-    execution.response = response
-    if error is not None:
+        execution.response = execution.response or response
+    if error is not None and execution.response is None:
         execution.error = {"status": error.status, "type": error.type, "code": error.code, "message": error.message}
     execution.save(
         update_fields=[
@@ -118,3 +127,24 @@ def execution_finish(
         ]
     )
     return charged
+
+
+def tool_execution_start(*, tool_execution: ToolExecution) -> bool:
+    """approved → running, once: False when another path already took it."""
+    return bool(
+        ToolExecution.objects.filter(pk=tool_execution.pk, status=ToolExecution.Status.APPROVED).update(
+            status=ToolExecution.Status.RUNNING, started_at=timezone.now()
+        )
+    )
+
+
+def tool_execution_finish(
+    *, tool_execution: ToolExecution, ok: bool, status_code: int | None, body: str, error: str
+) -> None:
+    ToolExecution.objects.filter(pk=tool_execution.pk, status=ToolExecution.Status.RUNNING).update(
+        status=ToolExecution.Status.SUCCEEDED if ok else ToolExecution.Status.FAILED,
+        response_status=status_code,
+        response_body=body,
+        error=error[:500],
+        finished_at=timezone.now(),
+    )

@@ -1,0 +1,191 @@
+"""The approval lifecycle: pause a round of tool calls, record decisions (UI or API), claim the resume
+exactly once, and expire. Each function owns its transaction; the approval row is the lock."""
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+from django.utils import timezone
+
+from approvals.models import Approval
+from billing.models import Hold
+from billing.services.ledger import hold_create, hold_settle
+from chat.errors import Conflict, Gone, InvalidRequest, PermissionDenied
+from chat.models import ApiToken, Execution, Group, Step, Tool, ToolExecution
+from chat.services.executions import execution_settle
+from chat.wire import iso
+
+Status = ToolExecution.Status
+
+
+@dataclass
+class Paused:
+    approval: Approval
+    charged: int
+
+
+def approval_pause(
+    *,
+    execution: Execution,
+    group: Group,
+    hold: Hold | None,
+    steps: list[Step],
+    tool_executions: list[ToolExecution],
+    state: dict,
+    hold_amount: int,
+    response: dict,
+) -> Paused:
+    """Settle the request so far, persist the round (calls and conversation) and hold what its tools
+    will cost. `response` is the pause answer, completed here with the approval's id and expiry."""
+    with transaction.atomic(durable=True):
+        charged = execution_settle(execution=execution, hold=hold, steps=steps)
+        approval = Approval.objects.create(
+            execution=execution,
+            team_id=execution.team_id,
+            group=group,
+            expires_at=timezone.now() + timedelta(seconds=group.approval_ttl_seconds),
+            state=state,
+        )
+        for position, tool_execution in enumerate(tool_executions):
+            tool_execution.approval, tool_execution.position = approval, position
+        ToolExecution.objects.bulk_create(tool_executions)
+        if hold_amount > 0:
+            approval.hold = hold_create(execution=execution, amount=hold_amount)
+            approval.save(update_fields=["hold"])
+        response["kitemesh"].update(
+            approval_id=str(approval.id), expires_at=iso(approval.expires_at), credits_charged=charged
+        )
+        execution.status = Execution.Status.PAUSED
+        execution.response = execution.response or response
+        execution.save(update_fields=["status", "prompt_tokens", "completion_tokens", "credits_charged", "response"])
+    return Paused(approval=approval, charged=charged)
+
+
+def approval_expire(*, approval: Approval) -> bool:
+    """Expire a pending approval past its time and release its hold; False when it was not due or
+    already settled. Safe to call from anywhere, any number of times."""
+    with transaction.atomic(durable=True):
+        expired = Approval.objects.filter(
+            pk=approval.pk, status=Approval.Status.PENDING, expires_at__lte=timezone.now()
+        ).update(status=Approval.Status.EXPIRED, resolved_at=timezone.now())
+        if not expired:
+            return False
+        if approval.hold_id:
+            hold_settle(hold=Hold.objects.get(pk=approval.hold_id), cost=0)
+        Execution.objects.filter(pk=approval.execution_id, status=Execution.Status.PAUSED).update(
+            status=Execution.Status.EXPIRED, finished_at=timezone.now()
+        )
+    approval.status = Approval.Status.EXPIRED
+    return True
+
+
+def approval_decide(
+    *, approval: Approval, tool_execution: ToolExecution, approve: bool, reason: str, actor: AbstractBaseUser
+) -> None:
+    """A decision from the approver page: recorded once, with who, when and why."""
+    if approval.status != Approval.Status.PENDING or approval.expires_at <= timezone.now():
+        raise Conflict("This approval is no longer pending.", code="approval_already_resumed")
+    decided = ToolExecution.objects.filter(
+        pk=tool_execution.pk, approval=approval, requires_approval=True, status=Status.PENDING
+    ).update(
+        status=Status.APPROVED if approve else Status.DENIED,
+        decided_via=ToolExecution.DecidedVia.UI,
+        decided_by=actor.get_username(),
+        decided_by_user=actor,
+        decision_reason=reason[:500],
+        decided_at=timezone.now(),
+    )
+    if not decided:
+        raise Conflict("This tool call was already decided.", code="decision_conflict")
+
+
+@dataclass
+class ResumeClaim:
+    approval: Approval
+    execution: Execution
+    tool_executions: list[ToolExecution]  # the whole round, in the order the model asked
+    hold: Hold | None
+
+
+def _decisions_merge(
+    *, approval: Approval, round_calls: list[ToolExecution], approved: set[uuid.UUID], denied: dict[uuid.UUID, str]
+) -> dict[uuid.UUID, bool]:
+    """The API's decisions checked against the SPEC's rules and the UI's; returns the API decisions to
+    write (id → approve). Raises the SPEC's errors."""
+    needing = {te.id: te for te in round_calls if te.requires_approval}
+    unknown = (approved | denied.keys()) - needing.keys()
+    if unknown:
+        raise InvalidRequest(
+            f"Not a tool execution of this approval: {', '.join(sorted(map(str, unknown)))}.",
+            param="approved_tool_execution_ids" if unknown & approved else "denied_tools",
+            code="unknown_tool_execution",
+        )
+    both = approved & denied.keys()
+    if both:
+        raise InvalidRequest(f"Both approved and denied: {', '.join(sorted(map(str, both)))}.", param="denied_tools")
+    api = {i: True for i in approved} | {i: False for i in denied}
+    final = {}
+    for te_id, te in needing.items():
+        ui = None if te.status == Status.PENDING else te.status == Status.APPROVED
+        if te_id in api and te.tool is not None and te.tool.approver == Tool.Approver.HUMAN:
+            raise PermissionDenied(f"Tool {te.tool_name!r} can only be decided by a person on the approver page.")
+        if ui is not None and te_id in api and api[te_id] != ui:
+            raise Conflict(f"Tool execution {te_id} was already decided otherwise in the UI.", code="decision_conflict")
+        final[te_id] = api.get(te_id, ui)
+    missing = [str(i) for i, decision in final.items() if decision is None]
+    if missing:
+        raise Conflict(f"No decision for: {', '.join(missing)}.", code="decision_required")
+    if approval.group.approval_style == Group.ApprovalStyle.BATCH and len(set(final.values())) > 1:
+        raise InvalidRequest("This group approves in batch: approve all or deny all.", param="denied_tools")
+    return {i: a for i, a in api.items() if needing[i].status == Status.PENDING}
+
+
+def approval_resume_claim(
+    *,
+    token: ApiToken,
+    approval: Approval,
+    approved: set[uuid.UUID],
+    denied: dict[uuid.UUID, str],
+    hold_amount_for: Callable[[list[ToolExecution]], int],
+) -> ResumeClaim:
+    """Apply the API's decisions and claim the approval for this resume, exactly once: the approval
+    row is locked and its status moved by a conditional update, so a second or concurrent resume gets
+    409. The approval's hold is swapped for this request's (402 leaves the approval pending)."""
+    if approval.status == Approval.Status.PENDING and approval.expires_at <= timezone.now():
+        approval_expire(approval=approval)
+    if approval.status == Approval.Status.EXPIRED:
+        raise Gone("This approval has expired.", param="approval_id")
+    with transaction.atomic(durable=True):
+        locked = Approval.objects.select_for_update().get(pk=approval.pk)
+        if locked.status != Approval.Status.PENDING:
+            raise Conflict("This approval was already resumed.", code="approval_already_resumed")
+        round_calls = list(locked.tool_executions.select_related("tool", "tool__auth_secret").order_by("position"))
+        decisions = _decisions_merge(approval=approval, round_calls=round_calls, approved=approved, denied=denied)
+        now = timezone.now()
+        for te in round_calls:
+            if te.id in decisions:
+                te.status = Status.APPROVED if decisions[te.id] else Status.DENIED
+                te.decided_via, te.decided_by, te.decided_at = ToolExecution.DecidedVia.API, f"token:{token.name}", now
+                te.decision_reason = denied.get(te.id, "")[:500]
+                ToolExecution.objects.filter(pk=te.pk, status=Status.PENDING).update(
+                    status=te.status,
+                    decided_via=te.decided_via,
+                    decided_by=te.decided_by,
+                    decision_reason=te.decision_reason,
+                    decided_at=now,
+                )
+        Approval.objects.filter(pk=locked.pk, status=Approval.Status.PENDING).update(
+            status=Approval.Status.RESUMED, resolved_at=now
+        )
+        if locked.hold_id:
+            hold_settle(hold=Hold.objects.get(pk=locked.hold_id), cost=0)
+        execution = locked.execution
+        amount = hold_amount_for(round_calls)
+        hold = hold_create(execution=execution, amount=amount) if amount > 0 else None
+        execution.status = Execution.Status.RUNNING
+        execution.save(update_fields=["status"])
+    locked.group = approval.group
+    return ResumeClaim(approval=locked, execution=execution, tool_executions=round_calls, hold=hold)

@@ -1,0 +1,408 @@
+"""HTTP tools: the spec offered to the model, its arguments checked and redacted, the risk label, and the call
+itself — SSRF-checked on every hop, pinned to the checked address, bounded in time and size, never raising."""
+
+import asyncio
+import codecs
+import copy
+import json
+import logging
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Any
+
+import httpx
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError, ValidationError, relevance
+
+from chat.engine.ssrf import DestinationBlocked, IPAddress, Resolver, destination_check, literal_address
+from chat.models import Tool
+from chat.services.vault import vault_decrypt
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_REDIRECTS = 3
+DEFAULT_TIMEOUT_SECONDS = 10.0
+TRUNCATED_MARK = "…[truncated]"
+REDACTED = "[redacted]"
+USER_AGENT = "KiteMesh-Tool/1"
+
+_SECRET_KEY_PARTS = ("token", "password", "secret", "api_key", "apikey", "authorization")
+_METHOD_RISK = {"GET": "low", "HEAD": "low", "POST": "medium", "PUT": "medium", "PATCH": "medium", "DELETE": "high"}
+_BODY_METHODS = {"POST", "PUT", "PATCH"}
+_REDIRECT_STATUSES = {301, 302, 303, 307, 308}
+_MAX_REPORTED_ERRORS = 3
+_JSON_KINDS = {
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
+
+
+# --- What the model is offered and may send -------------------------------------------------------
+
+
+class ToolArgumentsInvalid(Exception):
+    """The model's arguments are not a JSON object matching the tool's schema; the message is for the model."""
+
+
+def tool_spec(tool: Tool) -> dict:
+    """The OpenAI `tools` entry for this tool."""
+    parameters = copy.deepcopy(tool.parameters) if tool.parameters else {"type": "object", "properties": {}}
+    return {
+        "type": "function",
+        "function": {"name": tool.name, "description": tool.description, "parameters": parameters},
+    }
+
+
+def tool_arguments_parse(tool: Tool, arguments: str) -> dict:
+    """The arguments as a dict, valid against the tool's JSON schema (Draft 2020-12). An empty string means
+    no arguments, as models send for parameterless functions."""
+    try:
+        value = json.loads(arguments) if arguments.strip() else {}
+    except ValueError as exc:
+        raise ToolArgumentsInvalid(f"arguments are not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ToolArgumentsInvalid(f"arguments must be a JSON object, not {_JSON_KINDS.get(type(value), 'null')}")
+    schema = tool.parameters or {}
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError:
+        raise ToolArgumentsInvalid(f"the tool {tool.name!r} has an invalid parameters schema") from None
+    errors = sorted(Draft202012Validator(schema).iter_errors(value), key=relevance, reverse=True)
+    if errors:
+        raise ToolArgumentsInvalid("; ".join(_error_text(e) for e in errors[:_MAX_REPORTED_ERRORS]))
+    return value
+
+
+def _error_text(error: ValidationError) -> str:
+    path = ".".join(str(part) for part in error.absolute_path)
+    secret = any(isinstance(p, str) and _secret_key(p) for p in error.absolute_path) or (
+        isinstance(error.schema, dict) and error.schema.get("x-redact") is True
+    )
+    # jsonschema quotes the offending value; a secret must not travel into step records and logs.
+    message = f"invalid value (fails {error.validator!r})" if secret else _shorten(error.message, 200)
+    return f"{path}: {message}" if path else message
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# --- What people see -------------------------------------------------------------------------------
+
+
+def tool_risk(tool: Tool) -> str:
+    """The tool's risk override, else by method: GET/HEAD low, POST/PUT/PATCH medium, DELETE high."""
+    return tool.risk or _METHOD_RISK.get(tool.method.upper(), "high")
+
+
+def arguments_redact(tool: Tool, arguments: dict) -> dict:
+    """A copy safe to show and store: values of secret-looking keys and of properties the schema marks
+    `"x-redact": true` (at any depth) become "[redacted]". `$ref`s are not followed."""
+    return _redact(arguments, tool.parameters or {})
+
+
+def _secret_key(key: str) -> bool:
+    normalized = key.lower().replace("-", "_")
+    return any(part in normalized for part in _SECRET_KEY_PARTS)
+
+
+def _redact(value: Any, schema: Any) -> Any:
+    schema = schema if isinstance(schema, dict) else {}
+    if isinstance(value, dict):
+        properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        redacted = {}
+        for key, item in value.items():
+            sub = properties.get(key, schema.get("additionalProperties"))
+            marked = isinstance(sub, dict) and sub.get("x-redact") is True
+            redacted[key] = REDACTED if marked or _secret_key(str(key)) else _redact(item, sub)
+        return redacted
+    if isinstance(value, list):
+        return [_redact(item, schema.get("items")) for item in value]
+    return value  # JSON scalars are immutable
+
+
+# --- The call --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ToolResult:
+    """The outcome of a tool call. `sent` is true once request bytes began to leave: from then on the tool
+    may have acted. A non-2xx answer is not an error: the model sees its status and body, and `ok` is false."""
+
+    sent: bool
+    status_code: int | None
+    body: str
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.sent and not self.error and self.status_code is not None and 200 <= self.status_code < 300
+
+    def model_content(self) -> str:
+        """The content of the `tool` message the model receives."""
+        if self.error or not self.sent:
+            return json.dumps({"error": self.error or "the tool call was not sent"}, ensure_ascii=False)
+        return json.dumps({"status": self.status_code, "body": self.body}, ensure_ascii=False)
+
+
+class _CallRefused(Exception):
+    """The call cannot start (configuration); becomes an unsent ToolResult."""
+
+
+@dataclass
+class _Hop:
+    """One request of a call: the first, then one per redirect. `url` keeps the host name; the connection
+    goes to a checked address."""
+
+    method: str
+    url: httpx.URL
+    body: bytes | None
+    headers: dict[str, str]
+    auth: dict[str, str] = field(default_factory=dict)
+
+
+class _Progress:
+    """Notices (through httpcore's trace hook) when request headers start to go out."""
+
+    def __init__(self) -> None:
+        self.sent = False
+        self.status_code: int | None = None
+
+    async def trace(self, event: str, info: dict) -> None:
+        if event.endswith("send_request_headers.started"):
+            self.sent = True
+
+
+async def tool_call_run(*, tool: Tool, arguments: dict, resolve: Resolver | None = None) -> ToolResult:
+    """Call the tool with validated arguments. `tool.auth_secret` must be loaded (select_related): no query
+    runs here. Never raises for network or HTTP trouble; the secret never appears in the result or logs."""
+    timeout = float(getattr(settings, "KITEMESH_TOOL_TIMEOUT_SECONDS", DEFAULT_TIMEOUT_SECONDS))
+    progress = _Progress()
+    secret = ""
+    try:
+        secret, auth = _auth(tool)
+        hop = _first_hop(tool, arguments, auth)
+        async with asyncio.timeout(timeout):
+            result = await _exchange(hop, resolve, timeout, progress)
+    except _CallRefused as exc:
+        result = ToolResult(sent=False, status_code=None, body="", error=str(exc))
+    except TimeoutError:
+        result = _failure(progress, _timed_out(timeout))
+    result = _scrub(result, secret)
+    _log(tool, result)
+    return result
+
+
+def _auth(tool: Tool) -> tuple[str, dict[str, str]]:
+    """The clear secret (to scrub it from what comes back) and the headers that carry it."""
+    if tool.auth_type == Tool.AuthType.NONE:
+        return "", {}
+    if tool.auth_secret is None:
+        raise _CallRefused(f"the tool {tool.name!r} uses {tool.auth_type} auth but has no vault secret")
+    try:
+        value = vault_decrypt(tool.auth_secret)
+    except ImproperlyConfigured as exc:
+        raise _CallRefused(str(exc)) from None
+    if tool.auth_type == Tool.AuthType.BEARER:
+        return value, {"Authorization": f"Bearer {value}"}
+    if tool.auth_type == Tool.AuthType.HEADER and tool.auth_header:
+        return value, {tool.auth_header: value}
+    raise _CallRefused(f"the tool {tool.name!r} has an incomplete auth configuration ({tool.auth_type})")
+
+
+def _first_hop(tool: Tool, arguments: dict, auth: dict[str, str]) -> _Hop:
+    method = tool.method.upper()
+    try:
+        url = httpx.URL(tool.url)
+    except (httpx.InvalidURL, TypeError):
+        raise _CallRefused(f"the tool {tool.name!r} has an invalid URL") from None
+    headers = {"User-Agent": USER_AGENT, "Accept": "application/json, */*;q=0.5"}
+    if method in _BODY_METHODS:
+        headers["Content-Type"] = "application/json"
+        body = json.dumps(arguments, ensure_ascii=False, separators=(",", ":")).encode()
+        return _Hop(method, url, body, headers, auth)
+    query = {key: _query_value(value) for key, value in arguments.items()}
+    return _Hop(method, url.copy_merge_params(query), None, headers, auth)
+
+
+def _query_value(value: Any) -> str:
+    # Strings go as they are; numbers, booleans, null, arrays and objects as their JSON text.
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+async def _exchange(hop: _Hop, resolve: Resolver | None, timeout: float, progress: _Progress) -> ToolResult:
+    """Send the hop, following at most MAX_REDIRECTS redirects, each one checked before it is connected to."""
+    redirects = 0
+    while True:
+        try:
+            addresses = await destination_check(str(hop.url), resolve=resolve)
+        except DestinationBlocked as exc:
+            return _failure(progress, f"{'redirect blocked' if redirects else 'blocked destination'}: {exc}")
+        try:
+            response = await _send_pinned(hop, addresses, timeout, progress)
+            try:
+                progress.status_code = response.status_code
+                if response.status_code not in _REDIRECT_STATUSES or "location" not in response.headers:
+                    return ToolResult(sent=True, status_code=response.status_code, body=await _body_read(response))
+            finally:
+                await response.aclose()
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            return _failure(progress, _transport_error(exc, hop.url.host, timeout))
+        if redirects == MAX_REDIRECTS:
+            return _failure(progress, f"too many redirects (more than {MAX_REDIRECTS})")
+        redirects += 1
+        try:
+            hop = _redirect(hop, response)
+        except httpx.InvalidURL:
+            return _failure(progress, f"{hop.url.host!r} redirected to an invalid URL")
+
+
+def _transport_error(exc: Exception, host: str, timeout: float) -> str:
+    if isinstance(exc, httpx.TimeoutException):
+        return _timed_out(timeout)
+    if isinstance(exc, httpx.ConnectError):
+        return f"could not connect to {host!r} ({exc or 'connection failed'})"
+    # Other messages can quote request headers (h11 does): name the kind of failure only.
+    return f"the request to {host!r} failed ({type(exc).__name__})"
+
+
+def _timed_out(timeout: float) -> str:
+    return f"the tool did not answer within {timeout:g} s"
+
+
+def _failure(progress: _Progress, error: str) -> ToolResult:
+    return ToolResult(sent=progress.sent, status_code=progress.status_code, body="", error=error)
+
+
+async def _send_pinned(hop: _Hop, addresses: list[IPAddress], timeout: float, progress: _Progress) -> httpx.Response:
+    """Send to the first checked address that accepts a connection; a refused connect sent nothing, so the
+    next address may be tried."""
+    error: httpx.ConnectError | None = None
+    for ip in addresses:
+        try:
+            return await _client().send(_pinned_request(hop, str(ip), timeout, progress), stream=True)
+        except httpx.ConnectError as exc:
+            error = exc
+    assert error is not None  # destination_check never returns an empty list
+    raise error
+
+
+def _pinned_request(hop: _Hop, ip: str, timeout: float, progress: _Progress) -> httpx.Request:
+    """The hop addressed to `ip`, with the original Host header and (https) TLS server name: DNS is not asked
+    again, and the certificate is still checked against the host name."""
+    host = hop.url.raw_host.decode("ascii")
+    extensions: dict[str, Any] = {"trace": progress.trace, "timeout": httpx.Timeout(timeout).as_dict()}
+    if hop.url.scheme == "https" and literal_address(host) is None:
+        extensions["sni_hostname"] = host
+    headers = {"Host": hop.url.netloc.decode("ascii"), **hop.headers, **hop.auth}
+    # httpx.Request, not client.build_request: nothing of the shared client (headers, cookies) is merged in.
+    return httpx.Request(
+        hop.method, hop.url.copy_with(host=ip), headers=headers, content=hop.body, extensions=extensions
+    )
+
+
+def _redirect(hop: _Hop, response: httpx.Response) -> _Hop:
+    """The next hop, with httpx's method rules; the secret goes only back to the same origin."""
+    url = hop.url.join(response.headers["location"]).copy_with(fragment=None)
+    status, method, body, headers = response.status_code, hop.method, hop.body, dict(hop.headers)
+    if (status in (302, 303) and method != "HEAD") or (status == 301 and method == "POST"):
+        method, body = "GET", None
+        headers.pop("Content-Type", None)
+    auth = hop.auth if _origin(url) == _origin(hop.url) else {}
+    return _Hop(method, url, body, headers, auth)
+
+
+def _origin(url: httpx.URL) -> tuple[str, bytes, int | None]:
+    return url.scheme, url.raw_host, url.port or {"http": 80, "https": 443}.get(url.scheme)
+
+
+async def _body_read(response: httpx.Response) -> str:
+    """At most MAX_BODY_BYTES of the body, decoded; a longer one is cut and marked."""
+    data, truncated = bytearray(), False
+    async for chunk in response.aiter_bytes():
+        data += chunk
+        if len(data) > MAX_BODY_BYTES:
+            truncated = True
+            break
+    try:
+        decoder = codecs.getincrementaldecoder(response.charset_encoding or "utf-8")(errors="replace")
+    except LookupError:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    # Not final when cut: a character split at the limit is dropped rather than shown as garbage.
+    text = decoder.decode(bytes(data[:MAX_BODY_BYTES]), final=not truncated)
+    return text + TRUNCATED_MARK if truncated else text
+
+
+def _scrub(result: ToolResult, secret: str) -> ToolResult:
+    # A tool (or an error message) can echo the credential back; it must not reach the model or the records.
+    if secret:
+        result.body = result.body.replace(secret, REDACTED)
+        result.error = result.error.replace(secret, REDACTED)
+    return result
+
+
+def _log(tool: Tool, result: ToolResult) -> None:
+    if result.error:
+        logger.warning("tool %s failed (sent=%s): %s", tool.name, result.sent, result.error)
+    else:
+        logger.info("tool %s answered HTTP %s", tool.name, result.status_code)
+
+
+# --- The shared client -----------------------------------------------------------------------------
+
+
+class _PoolPerServerName(httpx.AsyncBaseTransport):
+    """One connection pool per TLS server name. Requests are addressed to IPs and httpcore pools connections
+    by (scheme, IP, port): shared, a connection whose certificate was checked for one host could carry
+    another host's request and credentials."""
+
+    max_pools = 64
+
+    def __init__(self) -> None:
+        self._pools: OrderedDict[str, httpx.AsyncHTTPTransport] = OrderedDict()
+        # One context for all pools (loading CA certificates is slow); SSL_CERT_FILE/SSL_CERT_DIR are honoured.
+        self._ssl_context = httpx.create_ssl_context()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        name = request.extensions.get("sni_hostname", "")
+        pool = self._pools.pop(name, None) or httpx.AsyncHTTPTransport(
+            verify=self._ssl_context, limits=httpx.Limits(max_connections=200, max_keepalive_connections=20)
+        )
+        self._pools[name] = pool
+        if len(self._pools) > self.max_pools:
+            # A call still reading from the evicted pool fails like a dropped connection; 64 TLS hosts
+            # between two uses of one host is far beyond a team's tool set.
+            await self._pools.popitem(last=False)[1].aclose()
+        return await pool.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        while self._pools:
+            await self._pools.popitem()[1].aclose()
+
+
+# One pooled client per event loop: httpx connections belong to the loop that opened them.
+_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient]" = weakref.WeakKeyDictionary()
+
+
+def _client() -> httpx.AsyncClient:
+    loop = asyncio.get_running_loop()
+    client = _clients.get(loop)
+    if client is None:
+        client = _clients[loop] = httpx.AsyncClient(
+            transport=_PoolPerServerName(),
+            # No proxies or .netrc from the environment (they would bypass the guard or add credentials),
+            # and no cookie jar shared between teams' tools.
+            trust_env=False,
+            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
+            follow_redirects=False,
+        )
+    return client
