@@ -14,6 +14,7 @@ from chat.models import ApiToken, CustomModel, Group, Team
 from chat.services.tokens import token_create
 from chat.services.vault import secret_set
 from tests.support.live_server import LiveServer
+from tests.support.tool_server import ToolServer
 from tests.support.upstream import FakeUpstream
 
 UPSTREAM_API_KEY = "sk-upstream-secret-do-not-leak"
@@ -99,3 +100,11 @@ def setup(upstream: FakeUpstream, db) -> Setup:
 def http(live: LiveServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=live.url, timeout=30) as client:
         yield client
+
+
+@pytest.fixture
+def tool_server() -> Iterator[ToolServer]:
+    """A scriptable HTTP tool on 127.0.0.1 that records what it receives."""
+    server = ToolServer().start()
+    yield server
+    server.stop()
