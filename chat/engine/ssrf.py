@@ -20,7 +20,7 @@ _NAMED_NETWORKS: list[tuple[IPNetwork, str]] = [
     (ipaddress.ip_network("fd00:ec2::254/128"), "the cloud metadata address"),
     (ipaddress.ip_network("100.64.0.0/10"), "a shared (CGNAT) address"),
 ]
-# IPv6 ranges whose traffic ends up at an embedded IPv4 address, which is the one that must be judged.
+# NAT64's well-known prefix: traffic goes to the embedded IPv4 address, which is the one to judge.
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 # Only such hosts can be IPv4 numbers in the forms inet_aton accepts (2130706433, 0x7f000001, 127.1, 0177.0.0.1),
 # which the system resolver would also turn into addresses.
