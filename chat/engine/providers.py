@@ -2,13 +2,11 @@
 `scripted` model. Both answer `complete()` with a ModelReply and `stream()` with text deltas then one
 ModelReply."""
 
-import asyncio
 import json
 import logging
 import math
 import re
 import time
-import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -16,6 +14,7 @@ from typing import Protocol
 import httpx
 from django.conf import settings
 
+from chat.engine.clients import per_loop_client
 from chat.errors import UpstreamError, UpstreamTimeout
 
 logger = logging.getLogger(__name__)
@@ -77,21 +76,17 @@ def prompt_length(messages: list[dict]) -> int:
 
 # --- OpenAI-compatible upstreams ------------------------------------------------------------------
 
-# One pooled client per event loop: httpx connections belong to the loop that opened them.
-_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient]" = weakref.WeakKeyDictionary()
+
+def _upstream_client() -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+        timeout=httpx.Timeout(
+            settings.KITEMESH_UPSTREAM_READ_TIMEOUT, connect=settings.KITEMESH_UPSTREAM_CONNECT_TIMEOUT
+        ),
+    )
 
 
-def _client() -> httpx.AsyncClient:
-    loop = asyncio.get_running_loop()
-    client = _clients.get(loop)
-    if client is None:
-        client = _clients[loop] = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
-            timeout=httpx.Timeout(
-                settings.KITEMESH_UPSTREAM_READ_TIMEOUT, connect=settings.KITEMESH_UPSTREAM_CONNECT_TIMEOUT
-            ),
-        )
-    return client
+_client = per_loop_client(_upstream_client)
 
 
 class OpenAIProvider:

@@ -6,7 +6,6 @@ import codecs
 import copy
 import json
 import logging
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from http.cookiejar import CookieJar, DefaultCookiePolicy
@@ -18,6 +17,7 @@ from django.core.exceptions import ImproperlyConfigured
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError, ValidationError, relevance
 
+from chat.engine.clients import per_loop_client
 from chat.engine.ssrf import DestinationBlocked, IPAddress, Resolver, destination_check, literal_address
 from chat.models import Tool
 from chat.services.vault import vault_decrypt
@@ -389,20 +389,15 @@ class _PoolPerServerName(httpx.AsyncBaseTransport):
             await self._pools.popitem()[1].aclose()
 
 
-# One pooled client per event loop: httpx connections belong to the loop that opened them.
-_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient]" = weakref.WeakKeyDictionary()
+def _tool_client() -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=_PoolPerServerName(),
+        # No proxies or .netrc from the environment (they would bypass the guard or add credentials),
+        # and no cookie jar shared between teams' tools.
+        trust_env=False,
+        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
+        follow_redirects=False,
+    )
 
 
-def _client() -> httpx.AsyncClient:
-    loop = asyncio.get_running_loop()
-    client = _clients.get(loop)
-    if client is None:
-        client = _clients[loop] = httpx.AsyncClient(
-            transport=_PoolPerServerName(),
-            # No proxies or .netrc from the environment (they would bypass the guard or add credentials),
-            # and no cookie jar shared between teams' tools.
-            trust_env=False,
-            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
-            follow_redirects=False,
-        )
-    return client
+_client = per_loop_client(_tool_client)
