@@ -28,6 +28,7 @@ class Approval(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        permissions = [("decide_approval", "Can decide tool calls on the approver page")]
         indexes = [models.Index(fields=["team", "status", "-created_at"])]
 
     def __str__(self) -> str:

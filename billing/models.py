@@ -18,6 +18,7 @@ class CreditAccount(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
+        permissions = [("use_billing", "Can use the finance pages and grant or adjust credits")]
         constraints = [
             models.CheckConstraint(condition=Q(balance__gte=0), name="credit_account_balance_not_negative"),
             models.CheckConstraint(condition=Q(held__gte=0), name="credit_account_held_not_negative"),

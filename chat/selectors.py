@@ -2,11 +2,12 @@
 
 import uuid
 
+from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import Exists, OuterRef, QuerySet
 
 from chat.engine.providers import ModelEndpoint
 from chat.errors import NotFound, PermissionDenied
-from chat.models import ApiToken, CustomModel, Execution, Group, Tool
+from chat.models import ApiToken, CustomModel, Execution, Group, Team, Tool
 from chat.services.vault import vault_decrypt
 
 _TokenGroups = ApiToken.groups.through
@@ -80,3 +81,10 @@ def execution_for_team_get(*, team_id: int, execution_id: uuid.UUID) -> Executio
     if execution is None:
         raise NotFound(f"No execution {execution_id}.", code="execution_not_found")
     return execution
+
+
+def team_list_for_user(*, user: AbstractBaseUser, every_team: bool) -> QuerySet[Team]:
+    """The teams a person works for on the pages; `every_team` (superusers, or staff where a page
+    allows it) sees them all."""
+    teams = Team.objects.order_by("name")
+    return teams if every_team else teams.filter(members=user)

@@ -3,10 +3,12 @@ that answers 413 before a large body is read; lifespan handled here; other scope
 
 import os
 
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kitemesh_site.settings.base")
-django_application = get_asgi_application()
+# Static files (the admin's) are served by Django itself under /static/; a reverse proxy may take over.
+django_application = ASGIStaticFilesHandler(get_asgi_application())
 
 from django.conf import settings  # noqa: E402  (after Django is set up)
 

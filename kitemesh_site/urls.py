@@ -1,5 +1,6 @@
 from django.contrib import admin
-from django.urls import path, re_path
+from django.urls import include, path, re_path
+from django.views.generic import RedirectView
 
 from chat.api import (
     ApprovalDetailApi,
@@ -22,5 +23,9 @@ urlpatterns = [
     path("healthz", healthz_view),
     path("readyz", readyz_view),
     path("admin/", admin.site.urls),
+    path("accounts/", include("django.contrib.auth.urls")),
+    path("approvals/", include("approvals.urls")),
+    path("billing/", include("billing.urls")),
+    path("", RedirectView.as_view(url="/approvals/", permanent=False)),
     re_path(r"^v1/", api_not_found_view),
 ]

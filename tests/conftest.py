@@ -13,6 +13,7 @@ from billing.services.ledger import credits_grant
 from chat.models import ApiToken, CustomModel, Group, Team
 from chat.services.tokens import token_create
 from chat.services.vault import secret_set
+from tests.support.browser import CHROMIUM_ARGS, chromium_or_skip
 from tests.support.live_server import LiveServer
 from tests.support.tool_server import ToolServer
 from tests.support.upstream import FakeUpstream
@@ -108,3 +109,24 @@ def tool_server() -> Iterator[ToolServer]:
     server = ToolServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for the session (Debian's /usr/bin/chromium; never downloaded)."""
+    from playwright.sync_api import sync_playwright
+
+    path = chromium_or_skip()
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=path, args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, live):
+    """A fresh browser context and page on the live server."""
+    context = browser.new_context(base_url=live.url, viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    yield page
+    context.close()
