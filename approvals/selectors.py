@@ -1,9 +1,24 @@
-"""Read queries for approvals."""
+"""Read queries for approvals: the API's lookups, and what the approver pages show (the queue, one
+approval with its costs, the history of decisions)."""
 
+import datetime
+import json
+import math
 import uuid
+from dataclasses import dataclass
+from decimal import Decimal
+
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db.models import Exists, OuterRef, Prefetch, QuerySet
+from django.utils import timezone
 
 from approvals.models import Approval
+from billing.selectors import credit_account_get
+from chat.engine.tools import arguments_redact
 from chat.errors import NotFound
+from chat.models import Group, Team, Tool, ToolExecution
+from chat.selectors import team_list_for_user
+from chat.wire import tool_execution_body
 
 
 def approval_for_team_get(*, team_id: int, approval_id: uuid.UUID) -> Approval:
@@ -25,3 +40,212 @@ def approval_with_calls_get(*, team_id: int, approval_id: uuid.UUID) -> Approval
     if approval is None:
         raise NotFound(f"No approval {approval_id}.", code="approval_not_found")
     return approval
+
+
+# --- The approver pages ---------------------------------------------------------------------------
+# Who may see and decide: an active user with `approvals.decide_approval` (directly or through a Django
+# auth group), for the teams they belong to; a superuser for every team.
+
+DECIDE_PERMISSION = "approvals.decide_approval"
+QUEUE_LIMIT = 200  # a queue longer than this is a backlog to drain, not a page to scroll
+_RISK_ORDER = {"low": 0, "medium": 1, "high": 2}
+
+
+def approver_team_ids(*, user: AbstractBaseUser | AnonymousUser) -> list[int]:
+    """The teams whose approvals `user` may see and decide (none without the permission)."""
+    if not (user.is_authenticated and user.is_active and user.has_perm(DECIDE_PERMISSION)):
+        return []
+    teams = team_list_for_user(user=user, every_team=user.is_superuser)
+    return list(teams.values_list("id", flat=True))
+
+
+def approver_teams_list(*, user: AbstractBaseUser | AnonymousUser) -> list[Team]:
+    return list(Team.objects.filter(pk__in=approver_team_ids(user=user)).order_by("name"))
+
+
+def highest_risk(risks: list[str]) -> str:
+    return max(risks, key=lambda risk: _RISK_ORDER.get(risk, 2), default="low")
+
+
+def seconds_left(approval: Approval, now: datetime.datetime) -> int:
+    return max(0, int((approval.expires_at - now).total_seconds()))
+
+
+def duration_label(seconds: int) -> str:
+    """`1 h 05 min`, `14 min 05 s`, `42 s`, as the queue's script also writes it while it ticks."""
+    hours, rest = divmod(max(0, seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    if minutes:
+        return f"{minutes} min {secs:02d} s"
+    return f"{secs} s"
+
+
+def age_label(moment: datetime.datetime, now: datetime.datetime) -> str:
+    seconds = int((now - moment).total_seconds())
+    return "just now" if seconds < 60 else f"{duration_label(seconds)} ago"
+
+
+@dataclass
+class QueueItem:
+    """One pending approval as the queue shows it."""
+
+    approval: Approval
+    tools: list[str]  # the calls waiting for a decision, in the order the model asked
+    risk: str  # the highest of them
+    waiting: int  # calls still without a decision
+    needing: int  # calls that need one
+    seconds_left: int
+    requested: str  # how long ago the run paused
+
+    @property
+    def time_left(self) -> str:
+        return duration_label(self.seconds_left)
+
+
+def _calls_pending() -> Exists:
+    return Exists(
+        ToolExecution.objects.filter(
+            approval=OuterRef("pk"), requires_approval=True, status=ToolExecution.Status.PENDING
+        )
+    )
+
+
+def _queue_queryset(*, team_ids: list[int], now: datetime.datetime) -> QuerySet[Approval]:
+    """Pending, not yet expired, and still waiting for at least one decision: once every call is decided
+    the approval waits for the API client, not for an approver."""
+    return (
+        Approval.objects.filter(team_id__in=team_ids, status=Approval.Status.PENDING, expires_at__gt=now)
+        .filter(_calls_pending())
+        .select_related("group", "team")
+        .prefetch_related(Prefetch("tool_executions", queryset=ToolExecution.objects.order_by("position")))
+        .order_by("-created_at")
+    )
+
+
+def _queue_item(approval: Approval, now: datetime.datetime) -> QueueItem:
+    needing = [te for te in approval.tool_executions.all() if te.requires_approval]
+    return QueueItem(
+        approval=approval,
+        tools=[te.tool_name for te in needing],
+        risk=highest_risk([te.risk for te in needing]),
+        waiting=sum(te.status == ToolExecution.Status.PENDING for te in needing),
+        needing=len(needing),
+        seconds_left=seconds_left(approval, now),
+        requested=age_label(approval.created_at, now),
+    )
+
+
+def approval_queue_list(*, team_ids: list[int]) -> list[QueueItem]:
+    """The approvals waiting for a person, newest first."""
+    now = timezone.now()
+    return [_queue_item(a, now) for a in _queue_queryset(team_ids=team_ids, now=now)[:QUEUE_LIMIT]]
+
+
+@dataclass
+class CallView:
+    """A tool execution of the round, as the API shows it (chat.wire), plus what it costs."""
+
+    tool_execution: ToolExecution
+    body: dict  # tool_execution_body: tool, method, host, path, redacted arguments, risk, decision…
+    arguments_text: str
+    price: Decimal
+    approver_human: bool
+
+
+@dataclass
+class ApprovalDetail:
+    approval: Approval
+    calls: list[CallView]  # those that need a decision
+    automatic: list[CallView]  # those of the round that run without one
+    last_user_message: str
+    run_credits: int  # charged to the execution so far
+    tools_credits: int  # what the round's tools cost if every pending call is approved
+    balance: int
+    held: int
+    available: int
+    seconds_left: int
+    requested: str
+    expired: bool
+    waiting: int  # calls still without a decision
+
+    @property
+    def time_left(self) -> str:
+        return duration_label(self.seconds_left)
+
+    @property
+    def decidable(self) -> bool:
+        return self.approval.status == Approval.Status.PENDING and not self.expired and self.waiting > 0
+
+    @property
+    def batch(self) -> bool:
+        return self.approval.group.approval_style == Group.ApprovalStyle.BATCH
+
+
+def _call_view(te: ToolExecution) -> CallView:
+    body = tool_execution_body(te, redact=arguments_redact)
+    return CallView(
+        tool_execution=te,
+        body=body,
+        arguments_text=json.dumps(body["arguments"], indent=2, ensure_ascii=False, sort_keys=True),
+        price=te.tool.price if te.tool else Decimal(0),
+        approver_human=bool(te.tool and te.tool.approver == Tool.Approver.HUMAN),
+    )
+
+
+def last_user_message(messages: list[dict]) -> str:
+    """The text of the conversation's last user message (text parts joined)."""
+    for message in reversed(messages):
+        if message.get("role") != "user":
+            continue
+        content = message.get("content")
+        if isinstance(content, list):
+            return "\n".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+        return content or ""
+    return ""
+
+
+def approval_detail_get(*, team_ids: list[int], approval_id: uuid.UUID) -> ApprovalDetail:
+    """Everything an approver needs to decide: the calls (redacted as the API shows them), the
+    conversation's last user message, and the money — the run's cost so far, the tools' and the team's."""
+    approval = (
+        Approval.objects.select_related("group", "team", "execution", "execution__token")
+        .prefetch_related(
+            Prefetch("tool_executions", queryset=ToolExecution.objects.select_related("tool").order_by("position"))
+        )
+        .filter(pk=approval_id, team_id__in=team_ids)
+        .first()
+    )
+    if approval is None:
+        raise NotFound(f"No approval {approval_id}.", code="approval_not_found")
+    views = [_call_view(te) for te in approval.tool_executions.all()]
+    calls = [v for v in views if v.tool_execution.requires_approval]
+    running = [v for v in views if v.tool_execution.status != ToolExecution.Status.DENIED]
+    account = credit_account_get(team=approval.team)
+    now = timezone.now()
+    return ApprovalDetail(
+        approval=approval,
+        calls=calls,
+        automatic=[v for v in views if not v.tool_execution.requires_approval],
+        last_user_message=last_user_message((approval.state or {}).get("messages", [])),
+        run_credits=approval.execution.credits_charged,
+        # Rounded up once for the round, as the resume charges it (chat.engine.runner.tools_price).
+        tools_credits=math.ceil(sum((v.price for v in running), Decimal(0))),
+        balance=account.balance,
+        held=account.held,
+        available=account.available,
+        seconds_left=seconds_left(approval, now),
+        requested=age_label(approval.created_at, now),
+        expired=approval.status == Approval.Status.EXPIRED or approval.expires_at <= now,
+        waiting=sum(v.tool_execution.status == ToolExecution.Status.PENDING for v in calls),
+    )
+
+
+def tool_execution_decided_list(*, team_ids: list[int]) -> QuerySet[ToolExecution]:
+    """Decisions (page or API) on calls that needed one, newest first: who, when, why."""
+    return (
+        ToolExecution.objects.filter(approval__team_id__in=team_ids, requires_approval=True, decided_at__isnull=False)
+        .select_related("approval", "approval__group", "approval__team")
+        .order_by("-decided_at", "-id")
+    )

@@ -1,16 +1,21 @@
 """The approval lifecycle: pause a round of tool calls, record decisions (UI or API), claim the resume
-exactly once, and expire. Each function owns its transaction; the approval row is the lock."""
+exactly once, and expire. Each function owns its transaction; the approval row is the lock. Every change
+is announced after commit (approvals.events for browsers, approvals.webhooks for the group's receiver)."""
 
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.utils import timezone
 
+from approvals import events
+from approvals.events import approval_event_send
 from approvals.models import Approval
+from approvals.webhooks import approval_webhook_send
 from billing.models import Hold
 from billing.services.ledger import hold_create, hold_settle
 from chat.errors import Conflict, Gone, InvalidRequest, PermissionDenied
@@ -19,6 +24,16 @@ from chat.services.executions import execution_settle
 from chat.wire import iso
 
 Status = ToolExecution.Status
+
+
+def _announce(approval: Approval, event_type: str, *, waiting: int | None = None) -> None:
+    """Queue the browser event and the webhook for after commit: a rolled-back change reaches neither.
+    `approval.group` must be loaded (it is, on every path here) or it costs a query."""
+    group = approval.group
+    data = {"approval_id": str(approval.id), "group": group.name, "waiting": waiting}
+    transaction.on_commit(partial(approval_event_send, team_id=approval.team_id, event_type=event_type, data=data))
+    if group.webhook_url:
+        transaction.on_commit(partial(approval_webhook_send, approval_id=approval.id, event_type=event_type))
 
 
 @dataclass
@@ -61,6 +76,7 @@ def approval_pause(
         execution.status = Execution.Status.PAUSED
         execution.response = execution.response or response
         execution.save(update_fields=["status", "prompt_tokens", "completion_tokens", "credits_charged", "response"])
+        _announce(approval, events.CREATED, waiting=sum(te.requires_approval for te in tool_executions))
     return Paused(approval=approval, charged=charged)
 
 
@@ -78,28 +94,78 @@ def approval_expire(*, approval: Approval) -> bool:
         Execution.objects.filter(pk=approval.execution_id, status=Execution.Status.PAUSED).update(
             status=Execution.Status.EXPIRED, finished_at=timezone.now()
         )
-    approval.status = Approval.Status.EXPIRED
+        approval.status = Approval.Status.EXPIRED
+        _announce(approval, events.EXPIRED)
     return True
+
+
+def _expire_if_due(approval: Approval) -> None:
+    # Expiry is lazy: the one who finds an approval past its time releases its hold (and says so).
+    if approval.status == Approval.Status.PENDING and approval.expires_at <= timezone.now():
+        approval_expire(approval=approval)
+
+
+def _decidable_lock(approval: Approval) -> Approval:
+    """The approval row, locked (lock order: approval, then its tool executions), if a person may still
+    decide on it; else the reason, as a Conflict whose message is for the approver."""
+    locked = Approval.objects.select_for_update().get(pk=approval.pk)
+    if locked.status == Approval.Status.RESUMED:
+        raise Conflict(
+            "This approval was already resumed by the API client; nothing was changed.",
+            code="approval_already_resumed",
+        )
+    if locked.status == Approval.Status.EXPIRED or locked.expires_at <= timezone.now():
+        raise Conflict("This approval has expired; nothing was changed.", code="approval_expired")
+    return locked
+
+
+def _decision_fields(*, approve: bool, reason: str, actor: AbstractBaseUser) -> dict:
+    """The audit of a page decision: what, who, when and why, written with the decision itself."""
+    return {
+        "status": Status.APPROVED if approve else Status.DENIED,
+        "decided_via": ToolExecution.DecidedVia.UI,
+        "decided_by": actor.get_username(),
+        "decided_by_user": actor,
+        "decision_reason": reason[:500],
+        "decided_at": timezone.now(),
+    }
+
+
+def _waiting(approval: Approval) -> int:
+    return approval.tool_executions.filter(requires_approval=True, status=Status.PENDING).count()
 
 
 def approval_decide(
     *, approval: Approval, tool_execution: ToolExecution, approve: bool, reason: str, actor: AbstractBaseUser
 ) -> None:
-    """A decision from the approver page: recorded once, with who, when and why."""
-    if approval.status != Approval.Status.PENDING or approval.expires_at <= timezone.now():
-        raise Conflict("This approval is no longer pending.", code="approval_already_resumed")
-    decided = ToolExecution.objects.filter(
-        pk=tool_execution.pk, approval=approval, requires_approval=True, status=Status.PENDING
-    ).update(
-        status=Status.APPROVED if approve else Status.DENIED,
-        decided_via=ToolExecution.DecidedVia.UI,
-        decided_by=actor.get_username(),
-        decided_by_user=actor,
-        decision_reason=reason[:500],
-        decided_at=timezone.now(),
-    )
-    if not decided:
-        raise Conflict("This tool call was already decided.", code="decision_conflict")
+    """A decision from the approver page: recorded once, with who, when and why. The approval row lock
+    orders it against a resume claim, so a decision is either seen by the resume or refused."""
+    _expire_if_due(approval)
+    with transaction.atomic(durable=True):
+        _decidable_lock(approval)
+        decided = ToolExecution.objects.filter(
+            pk=tool_execution.pk, approval=approval, requires_approval=True, status=Status.PENDING
+        ).update(**_decision_fields(approve=approve, reason=reason, actor=actor))
+        if not decided:
+            raise Conflict(
+                f"{tool_execution.tool_name} was already decided; nothing was changed.", code="decision_conflict"
+            )
+        _announce(approval, events.DECIDED, waiting=_waiting(approval))
+
+
+def approval_decide_all(*, approval: Approval, approve: bool, reason: str, actor: AbstractBaseUser) -> int:
+    """Approve or deny, in one transaction, every call of the approval still waiting for a decision (the
+    only way `batch` groups decide on the page); returns how many were decided."""
+    _expire_if_due(approval)
+    with transaction.atomic(durable=True):
+        _decidable_lock(approval)
+        decided = ToolExecution.objects.filter(approval=approval, requires_approval=True, status=Status.PENDING).update(
+            **_decision_fields(approve=approve, reason=reason, actor=actor)
+        )
+        if not decided:
+            raise Conflict("Every tool call was already decided; nothing was changed.", code="decision_conflict")
+        _announce(approval, events.DECIDED, waiting=0)
+    return decided
 
 
 @dataclass
@@ -180,6 +246,9 @@ def approval_resume_claim(
         Approval.objects.filter(pk=locked.pk, status=Approval.Status.PENDING).update(
             status=Approval.Status.RESUMED, resolved_at=now
         )
+        if decisions:
+            _announce(approval, events.DECIDED, waiting=0)
+        _announce(approval, events.RESUMED)
         if locked.hold_id:
             hold_settle(hold=Hold.objects.get(pk=locked.hold_id), cost=0)
         execution = locked.execution

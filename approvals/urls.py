@@ -1,8 +1,12 @@
-from django.contrib.auth.decorators import login_required
 from django.urls import path
-from django.views.generic import TemplateView
+
+from approvals import views
 
 app_name = "approvals"
 urlpatterns = [
-    path("", login_required(TemplateView.as_view(template_name="base.html")), name="queue"),
+    path("", views.approval_queue_view, name="queue"),
+    path("rows/", views.approval_queue_rows_view, name="queue_rows"),
+    path("history/", views.approval_history_view, name="history"),
+    path("<uuid:approval_id>/", views.approval_detail_view, name="detail"),
+    path("<uuid:approval_id>/decide/", views.approval_decide_view, name="decide"),
 ]

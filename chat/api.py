@@ -16,7 +16,7 @@ from billing.selectors import credit_account_get
 from chat.engine.runner import (
     Replay,
     replay_stream,
-    resume_hold_amount,
+    resume_hold,
     run_complete,
     run_resume,
     run_start,
@@ -24,7 +24,7 @@ from chat.engine.runner import (
 )
 from chat.engine.tools import arguments_redact
 from chat.errors import InvalidRequest, NotFound
-from chat.selectors import execution_for_team_get, group_for_token_get, group_list_for_token, tools_for_token_list
+from chat.selectors import execution_for_team_get, group_for_run_get, group_list_for_token
 from chat.wire import (
     ChatRequest,
     approval_body,
@@ -73,10 +73,14 @@ class ChatCompletionCreateApi(APIView):
     async def post(self, request: Request) -> HttpResponseBase:
         chat_request = chat_request_parse(_body(request))
         token = request.auth
-        group = await sync_to_async(group_for_token_get)(token=token, group_id=chat_request.group_id)
-        tools = await sync_to_async(tools_for_token_list)(token=token, group=group)
+        parts = await sync_to_async(group_for_run_get)(token=token, group_id=chat_request.group_id)
         run = await run_start(
-            token=token, group=group, tools=tools, request=chat_request, request_id=request._request.kitemesh_request_id
+            token=token,
+            group=parts.group,
+            agents=parts.agents,
+            tools=parts.tools,
+            request=chat_request,
+            request_id=request._request.kitemesh_request_id,
         )
         if isinstance(run, Replay):
             if chat_request.stream:
@@ -92,18 +96,23 @@ class ChatResumeApi(APIView):
         approval = await sync_to_async(approval_for_team_get)(team_id=token.team_id, approval_id=resume.approval_id)
         if approval.group_id != resume.chat.group_id:
             raise InvalidRequest(f"This approval belongs to 'group:{approval.group_id}'.", param="model")
-        group = await sync_to_async(group_for_token_get)(token=token, group_id=approval.group_id)
+        parts = await sync_to_async(group_for_run_get)(token=token, group_id=approval.group_id)
         claim = await sync_to_async(approval_resume_claim)(
             token=token,
             approval=approval,
             approved=resume.approved,
             denied=resume.denied,
-            hold_amount_for=resume_hold_amount,
+            hold_amount_for=resume_hold(
+                group=parts.group, agents=parts.agents, tools=parts.tools, approval=approval, request=resume.chat
+            ),
         )
-        claim.approval.group = group
-        tools = await sync_to_async(tools_for_token_list)(token=token, group=group)
-        run = await run_resume(
-            claim=claim, tools=tools, request=resume.chat, request_id=request._request.kitemesh_request_id
+        claim.approval.group = parts.group
+        run = run_resume(
+            claim=claim,
+            agents=parts.agents,
+            tools=parts.tools,
+            request=resume.chat,
+            request_id=request._request.kitemesh_request_id,
         )
         return await _answer(run, resume.chat)
 

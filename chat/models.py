@@ -137,6 +137,17 @@ class Group(models.Model):
     max_output_tokens = models.PositiveIntegerField(
         null=True, blank=True, help_text="Output-token cap when the client gives none; default from settings."
     )
+    webhook_url = models.URLField(
+        max_length=500, blank=True, help_text="Receives approval events as signed JSON POSTs (approvals.webhooks)."
+    )
+    webhook_secret = models.ForeignKey(
+        VaultSecret,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="webhook_of",
+        help_text="The team's secret that signs webhook bodies (X-KiteMesh-Signature); required with a URL.",
+    )
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["team", "name"], name="group_unique_name")]

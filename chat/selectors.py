@@ -1,13 +1,14 @@
 """Read queries for the API: groups a token may use, and what a model call needs."""
 
 import uuid
+from dataclasses import dataclass
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import Exists, OuterRef, QuerySet
 
 from chat.engine.providers import ModelEndpoint
 from chat.errors import NotFound, PermissionDenied
-from chat.models import ApiToken, CustomModel, Execution, Group, Team, Tool
+from chat.models import ApiToken, CustomModel, Execution, Group, GroupAgent, Team, Tool
 from chat.services.vault import vault_decrypt
 
 _TokenGroups = ApiToken.groups.through
@@ -34,13 +35,38 @@ def group_for_token_get(*, token: ApiToken, group_id: uuid.UUID) -> Group:
     """The group a request names, with its brain; 404 when the team has no such group, 403 when the
     token's scope leaves it out."""
     group = (
-        _groups_with_scope(token).select_related("brain", "brain__api_key_secret", "team").filter(pk=group_id).first()
+        _groups_with_scope(token)
+        .select_related("brain", "brain__api_key_secret", "team")
+        .annotate(
+            has_agents=Exists(GroupAgent.objects.filter(group=OuterRef("pk"))),
+            has_tools=Exists(Group.tools.through.objects.filter(group_id=OuterRef("pk"))),
+        )
+        .filter(pk=group_id)
+        .first()
     )
     if group is None:
         raise NotFound(f"The model 'group:{group_id}' does not exist.", param="model", code="model_not_found")
     if not _in_scope(group):
         raise PermissionDenied(f"This API token may not use 'group:{group_id}'.", param="model")
     return group
+
+
+@dataclass
+class GroupForRun:
+    """What a run needs of its group, read in one go: the group and brain, its agents, and the tools the
+    token lets it offer."""
+
+    group: Group
+    agents: list[GroupAgent]
+    tools: list[Tool]
+
+
+def group_for_run_get(*, token: ApiToken, group_id: uuid.UUID) -> GroupForRun:
+    """group_for_token_get, plus agents and tools (no query for a group that has none)."""
+    group = group_for_token_get(token=token, group_id=group_id)
+    agents = list(group.agents.select_related("model", "model__api_key_secret")) if group.has_agents else []
+    tools = tools_for_token_list(token=token, group=group) if group.has_tools else []
+    return GroupForRun(group=group, agents=agents, tools=tools)
 
 
 def group_list_for_token(*, token: ApiToken) -> list[Group]:

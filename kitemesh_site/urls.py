@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.urls import include, path, re_path
 from django.views.generic import RedirectView
 
+from approvals.views import approval_events_view
 from chat.api import (
     ApprovalDetailApi,
     ChatCompletionCreateApi,
@@ -25,6 +26,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("accounts/", include("django.contrib.auth.urls")),
     path("approvals/", include("approvals.urls")),
+    path("events/", approval_events_view, name="events"),  # the live approval queue (SSE)
     path("billing/", include("billing.urls")),
     path("", RedirectView.as_view(url="/approvals/", permanent=False)),
     re_path(r"^v1/", api_not_found_view),

@@ -111,16 +111,25 @@ def tool_server() -> Iterator[ToolServer]:
     server.stop()
 
 
-@pytest.fixture(scope="session")
-def browser():
-    """One headless Chromium for the session (Debian's /usr/bin/chromium; never downloaded)."""
+@pytest.fixture(scope="module")
+def browser(monkeypatch_module):
+    """Headless Chromium (Debian's /usr/bin/chromium; never downloaded), one per test module: Playwright's
+    sync API keeps an event loop running in this thread until it stops, which other modules must not see."""
     from playwright.sync_api import sync_playwright
 
     path = chromium_or_skip()
+    # The browser's loop runs in this thread, yet the test's own ORM calls are plain sync calls.
+    monkeypatch_module.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=path, args=CHROMIUM_ARGS, headless=True)
         yield chromium
         chromium.close()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
 
 
 @pytest.fixture
@@ -130,3 +139,50 @@ def page(browser, live):
     page = context.new_page()
     yield page
     context.close()
+
+
+# --- Tools of the group, on the loopback tool server (tests/approvals) -----------------------------
+
+
+@pytest.fixture
+def tools_on_loopback(settings) -> None:
+    """Tools may reach 127.0.0.1 (the live server thread shares these settings)."""
+    settings.KITEMESH_TOOL_HOST_ALLOWLIST = ["127.0.0.1"]
+
+
+@pytest.fixture
+def group_tool(setup: Setup, tool_server: ToolServer, tools_on_loopback):
+    """Make a Tool of setup's team on the loopback tool server (path `/<name>` unless given) and add it to
+    setup's group (or `group`)."""
+    from chat.models import Tool
+
+    def make(
+        name: str = "create_ticket",
+        *,
+        method: str = "POST",
+        parameters: dict | None = None,
+        requires_approval: bool = False,
+        approver: str = "any",
+        price: str | int = 0,
+        risk: str = "",
+        path: str | None = None,
+        url: str | None = None,
+        group: Group | None = None,
+        description: str = "",
+    ) -> Tool:
+        tool = Tool.objects.create(
+            team=setup.team,
+            name=name,
+            description=description or f"The {name} tool.",
+            method=method,
+            url=url or f"{tool_server.url}{path or '/' + name}",
+            parameters={"type": "object", "properties": {}} if parameters is None else parameters,
+            requires_approval=requires_approval,
+            approver=approver,
+            price=Decimal(str(price)),
+            risk=risk,
+        )
+        (group or setup.group).tools.add(tool)
+        return tool
+
+    return make

@@ -202,12 +202,15 @@ def _usage(reported: dict, messages: list[dict], completion_length: int) -> Usag
 # --- The offline scripted model -------------------------------------------------------------------
 
 
+AGENT_SECTION = re.compile(r"^### (.+)\n(.*)$", re.MULTILINE)
 TOOL_DIRECTIVE = re.compile(r"^!tool\s+([A-Za-z0-9_-]+)\s*(.*)$", re.MULTILINE)
 
 
 class ScriptedProvider:
     """Deterministic and offline (rules in README, "The scripted model"):
     - after tool results (the last message is a tool message) it answers `Tool results: <contents>`;
+    - after a synthesis note (the last message is a system message with `### <agent>` sections) it
+      answers `Synthesis: <agent>: <answer> | …`;
     - else each line `!tool NAME {json}` of the last user message becomes a call of tool NAME with
       those arguments (ids call_1, call_2, …);
     - else it answers `Scripted reply: <last user message>`; a system instruction is not echoed;
@@ -225,6 +228,9 @@ class ScriptedProvider:
         if messages[-1]["role"] == "tool":
             results = [message_text(m) for m in messages[_tool_results_start(messages) :]]
             content, finish_reason = "Tool results: " + " | ".join(results), "stop"
+        elif messages[-1]["role"] == "system" and len(messages) > 1:
+            sections = AGENT_SECTION.findall(message_text(messages[-1]))
+            content, finish_reason = "Synthesis: " + " | ".join(f"{n}: {a}" for n, a in sections), "stop"
         else:
             tool_calls = [
                 {"id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": args.strip() or "{}"}}

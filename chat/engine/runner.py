@@ -1,7 +1,8 @@
-"""The run of one request through a group: resolve the mode, hold credits, call the brain, run its
-tool calls round by round (pausing for approval when a tool needs it), record every model call and
-tool run as a step, settle. `run_events` is the one loop; `run_complete` and `run_stream` render its
-events as JSON or SSE. Database work crosses to the sync layer once per transaction."""
+"""The run of one request through a group: resolve the mode, hold credits, run the agents (synthesis)
+or offer them as a delegate tool (orchestration), call the brain, run its tool calls round by round
+(pausing for approval when a tool needs it), record every model call and tool run as a step, settle.
+`run_events` is the one loop; `run_complete` and `run_stream` render its events as JSON or SSE.
+Database work crosses to the sync layer once per transaction."""
 
 import asyncio
 import hashlib
@@ -10,7 +11,7 @@ import math
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -21,6 +22,17 @@ from approvals.models import Approval
 from approvals.services import ResumeClaim, approval_pause
 from billing.models import Hold
 from billing.services.ledger import hold_reserve
+from chat.engine.modes import (
+    AGENT_CONCURRENCY,
+    DELEGATE_TOOL,
+    Agent,
+    agent_messages,
+    delegate_arguments,
+    delegate_spec,
+    mode_resolve,
+    synthesis_note,
+    task_messages,
+)
 from chat.engine.providers import ModelEndpoint, ModelReply, Usage, prompt_length, provider_for, tokens_estimate
 from chat.engine.tools import (
     ToolArgumentsInvalid,
@@ -30,8 +42,8 @@ from chat.engine.tools import (
     tool_risk,
     tool_spec,
 )
-from chat.errors import ApiError, InvalidRequest, UpstreamError, api_error_restore
-from chat.models import ApiToken, CustomModel, Execution, Group, Mode, Step, Tool, ToolExecution
+from chat.errors import ApiError, UpstreamError, api_error_restore
+from chat.models import ApiToken, CustomModel, Execution, Group, GroupAgent, Mode, Step, Tool, ToolExecution
 from chat.selectors import model_endpoint_get
 from chat.services.executions import (
     execution_finish,
@@ -41,19 +53,7 @@ from chat.services.executions import (
 )
 from chat.wire import SSE_DONE, ChatRequest, chunk_body, completion_body, error_body, sse_event
 
-AVAILABLE_MODES = {Mode.NORMAL}
 MAX_TOOL_ROUNDS = 8  # brain calls that ask for tools, in a row, before the run is stopped
-
-
-def mode_resolve(group: Group, requested: str | None) -> str:
-    """`auto` picks normal while normal is the only mode this gateway runs (synthesis and
-    orchestration come with their own issue)."""
-    mode = requested or group.mode
-    if mode == Mode.AUTO:
-        return Mode.NORMAL
-    if mode not in AVAILABLE_MODES:
-        raise InvalidRequest(f"Mode {mode!r} is not available yet; use normal or auto.", param="metadata.mode")
-    return mode
 
 
 def model_cost(model: CustomModel, usage: Usage) -> Decimal:
@@ -63,7 +63,7 @@ def model_cost(model: CustomModel, usage: Usage) -> Decimal:
 def call_worst_case(model: CustomModel, messages: list[dict], tools: list[dict], max_tokens: int) -> int:
     """The most one model call can cost: its prompt (and tool specs) as estimated, plus every allowed
     output token."""
-    prompt = tokens_estimate(prompt_length(messages) + len(json.dumps(tools)) if tools else prompt_length(messages))
+    prompt = tokens_estimate(prompt_length(messages) + (len(json.dumps(tools)) if tools else 0))
     return math.ceil(model_cost(model, Usage(prompt, max_tokens)))
 
 
@@ -87,6 +87,14 @@ class Pause:
 
 
 @dataclass
+class Progress:
+    """An agent started, finished or failed (SSE shows it as `kitemesh.progress`)."""
+
+    agent: str
+    status: str  # started | done | failed
+
+
+@dataclass
 class Run:
     """One request's run: what it sends, what it has reserved, and the steps it has taken."""
 
@@ -99,6 +107,9 @@ class Run:
     messages: list[dict]
     params: dict
     tools: dict[str, Tool]
+    mode: str = Mode.NORMAL
+    agents: dict[str, Agent] = field(default_factory=dict)
+    resumed_round: list[ToolExecution] = field(default_factory=list)  # decided calls to run first
     reserved: int = 0  # worst case of the steps taken or started, covered by `hold`
     steps: list[Step] = field(default_factory=list)
     completion_id: str = field(default_factory=lambda: "chatcmpl_" + secrets.token_hex(12))
@@ -109,16 +120,19 @@ class Run:
         return self.group.brain
 
     def kitemesh(self, credits_charged: int | None = None) -> dict:
-        body = {"execution_id": str(self.execution.id), "request_id": self.request_id}
+        body = {"execution_id": str(self.execution.id), "request_id": self.request_id, "mode": self.mode}
         if credits_charged is not None:
             body["credits_charged"] = credits_charged
         return body
 
     def tool_specs(self) -> list[dict]:
-        return [tool_spec(t) for t in self.tools.values()]
+        specs = [tool_spec(t) for t in self.tools.values()]
+        if self.mode == Mode.ORCHESTRATION:
+            specs.append(delegate_spec(list(self.agents.values())))
+        return specs
 
     async def reserve(self, amount: int) -> None:
-        """Make the hold cover the next step too (402 mid-run when the team cannot)."""
+        """Make the hold cover the next steps too (402 mid-run when the team cannot)."""
         if self.hold is not None and self.reserved + amount <= self.hold.amount:
             self.reserved += amount
             return
@@ -127,18 +141,21 @@ class Run:
             self.hold = await sync_to_async(hold_reserve)(execution=self.execution, hold=self.hold, amount=extra)
         self.reserved += amount
 
-    def step_model(self, usage: Usage, started: float, status: str, error: str = "") -> None:
+    def step_model(
+        self, model: CustomModel, agent: str, usage: Usage, started: float, status: str, error: str = ""
+    ) -> None:
         self.steps.append(
             Step(
                 execution=self.execution,
                 kind=Step.Kind.MODEL_CALL,
-                custom_model=self.brain,
-                model_name=self.brain.model,
+                agent=agent,
+                custom_model=model,
+                model_name=model.model,
                 status=status,
                 prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens,
                 usage_estimated=usage.estimated,
-                cost=model_cost(self.brain, usage),
+                cost=model_cost(model, usage),
                 latency_ms=int((time.monotonic() - started) * 1000),
                 error=error[:500],
             )
@@ -162,11 +179,6 @@ class Run:
         prompt = sum(s.prompt_tokens for s in self.steps)
         completion = sum(s.completion_tokens for s in self.steps)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    def partial_usage(self, produced: str) -> Usage:
-        """What a call cut short has used, estimated (the upstream reports usage only at the end).
-        A call that failed before producing anything is not charged; see README, Billing."""
-        return Usage(tokens_estimate(prompt_length(self.messages)), tokens_estimate(len(produced)), estimated=True)
 
     async def finish(self, status: str, *, response: dict | None = None, error: ApiError | None = None) -> int:
         # Shielded: a client that disconnects must not cancel the settlement of what it used.
@@ -199,49 +211,106 @@ class Run:
             else:
                 reply = await provider.complete(self.endpoint, self.messages, params)
         except ApiError as error:
-            used = self.partial_usage("".join(produced)) if produced else Usage()
-            self.step_model(used, started, Step.Status.FAILED, error.message)
+            used = _partial_usage(self.messages, "".join(produced)) if produced else Usage()
+            self.step_model(self.brain, "", used, started, Step.Status.FAILED, error.message)
             raise
         except (asyncio.CancelledError, GeneratorExit):
-            self.step_model(
-                self.partial_usage("".join(produced)), started, Step.Status.CANCELLED, "client disconnected"
-            )
+            used = _partial_usage(self.messages, "".join(produced))
+            self.step_model(self.brain, "", used, started, Step.Status.CANCELLED, "client disconnected")
             raise
-        self.step_model(reply.usage, started, Step.Status.SUCCEEDED)
+        self.step_model(self.brain, "", reply.usage, started, Step.Status.SUCCEEDED)
         yield reply
+
+    async def agent_call(self, agent: Agent, messages: list[dict]) -> str:
+        """One agent answer (reserved beforehand by the caller), recorded as a step with the agent's
+        name; an upstream failure raises ApiError after it is recorded."""
+        params = {"max_tokens": self.params["max_tokens"]}
+        started = time.monotonic()
+        try:
+            reply = await provider_for(agent.endpoint).complete(agent.endpoint, messages, params)
+        except ApiError as error:
+            self.step_model(agent.model, agent.name, Usage(), started, Step.Status.FAILED, error.message)
+            raise
+        except asyncio.CancelledError:
+            used = _partial_usage(messages, "")
+            self.step_model(agent.model, agent.name, used, started, Step.Status.CANCELLED, "client disconnected")
+            raise
+        self.step_model(agent.model, agent.name, reply.usage, started, Step.Status.SUCCEEDED)
+        return reply.content or ""
+
+    def agent_worst_case(self, agent: Agent, messages: list[dict]) -> int:
+        return call_worst_case(agent.model, messages, [], self.params["max_tokens"])
+
+    async def synthesis(self) -> AsyncIterator[Progress]:
+        """Every agent answers the client's conversation in parallel (bounded); one failing loses
+        nothing of the others; the brain then gets all answers, labelled, failures named."""
+        jobs = {name: (agent, agent_messages(agent, self.request.messages)) for name, agent in self.agents.items()}
+        await self.reserve(sum(self.agent_worst_case(agent, messages) for agent, messages in jobs.values()))
+        answers: dict[str, tuple[str | None, str]] = {}
+        async for progress, name, answer, error in _agents_run(self, jobs):
+            if progress.status != "started":
+                answers[name] = (answer, error)
+            yield progress
+        self.messages.append(synthesis_note([(name, *answers[name]) for name in self.agents]))
 
     def round_record(self, reply: ModelReply) -> list[ToolExecution]:
         """The brain's tool calls as tool executions (not saved yet), and its message in the conversation."""
         self.messages.append({"role": "assistant", "content": reply.content, "tool_calls": reply.tool_calls})
-        calls = []
-        for call in reply.tool_calls:
-            tool = self.tools.get(call["function"]["name"])
-            arguments = call["function"]["arguments"] or "{}"
-            calls.append(
-                ToolExecution(
-                    execution=self.execution,
-                    tool=tool,
-                    tool_name=call["function"]["name"],
-                    call_id=call.get("id") or f"call_{uuid.uuid4().hex[:12]}",
-                    arguments=arguments,
-                    arguments_hash=arguments_hash(arguments),
-                    requires_approval=bool(tool and tool.requires_approval),
-                    risk=tool_risk(tool) if tool else Tool.Risk.HIGH,
-                    status=ToolExecution.Status.PENDING
-                    if tool and tool.requires_approval
-                    else ToolExecution.Status.APPROVED,
-                    decided_via="" if tool and tool.requires_approval else ToolExecution.DecidedVia.AUTO,
-                )
-            )
-        return calls
+        return [self._tool_execution(call) for call in reply.tool_calls]
 
-    async def tools_run(self, calls: list[ToolExecution]) -> None:
-        """Run the approved calls (in parallel, each exactly once), tell the model about the denied and
-        the unknown ones; tool messages follow in the order the model asked."""
+    def _tool_execution(self, call: dict) -> ToolExecution:
+        name = call["function"]["name"]
+        tool = self.tools.get(name)
+        arguments = call["function"]["arguments"] or "{}"
+        needs_approval = bool(tool and tool.requires_approval)
+        return ToolExecution(
+            execution=self.execution,
+            tool=tool,
+            tool_name=name,
+            call_id=call.get("id") or f"call_{uuid.uuid4().hex[:12]}",
+            arguments=arguments,
+            arguments_hash=arguments_hash(arguments),
+            requires_approval=needs_approval,
+            risk=tool_risk(tool) if tool else (Tool.Risk.LOW if name == DELEGATE_TOOL else Tool.Risk.HIGH),
+            status=ToolExecution.Status.PENDING if needs_approval else ToolExecution.Status.APPROVED,
+            decided_via="" if needs_approval else ToolExecution.DecidedVia.AUTO,
+        )
+
+    async def tools_run(self, calls: list[ToolExecution]) -> AsyncIterator[Progress]:
+        """Run the approved calls and delegations (in parallel, each exactly once), tell the model about
+        the denied and the unknown ones; tool messages follow in the order the model asked."""
         await self.reserve(tools_price([c.tool for c in calls if c.status == ToolExecution.Status.APPROVED]))
-        contents = await asyncio.gather(*(self.tool_message(c) for c in calls))
-        for call, content in zip(calls, contents, strict=True):
-            self.messages.append({"role": "tool", "tool_call_id": call.call_id, "content": content})
+        delegations = [c for c in calls if c.tool_name == DELEGATE_TOOL and self.mode == Mode.ORCHESTRATION]
+        contents: dict[uuid.UUID, str] = {}
+        if delegations:
+            async for progress in self.delegations_run(delegations, contents):
+                yield progress
+        others = [c for c in calls if c.id not in contents]
+        for call, content in zip(others, await asyncio.gather(*(self.tool_message(c) for c in others)), strict=True):
+            contents[call.id] = content
+        for call in calls:
+            self.messages.append({"role": "tool", "tool_call_id": call.call_id, "content": contents[call.id]})
+
+    async def delegations_run(
+        self, calls: list[ToolExecution], contents: dict[uuid.UUID, str]
+    ) -> AsyncIterator[Progress]:
+        """Each delegate call runs its agent on its task; the answer (or why not) is the tool message."""
+        jobs = {}
+        for call in calls:
+            try:
+                agent, task = delegate_arguments(call.arguments, self.agents)
+            except ValueError as exc:
+                contents[call.id] = json.dumps({"error": f"Invalid delegation: {exc}"})
+                continue
+            jobs[call.id] = (agent, task_messages(agent, task))
+        await self.reserve(sum(self.agent_worst_case(agent, messages) for agent, messages in jobs.values()))
+        async for progress, call_id, answer, error in _agents_run(self, jobs):
+            if progress.status != "started":
+                contents[call_id] = (
+                    answer if answer is not None else json.dumps({"error": f"The agent failed: {error}"})
+                )
+            yield progress
+        await sync_to_async(_delegations_record)(calls, contents)
 
     async def tool_message(self, call: ToolExecution) -> str:
         if call.tool is None:
@@ -280,11 +349,49 @@ class Run:
             hold=self.hold,
             steps=self.steps,
             tool_executions=calls,
-            state={"messages": self.messages, "params": self.params},
+            state={"messages": self.messages, "params": self.params, "mode": self.mode},
             hold_amount=tools_price([c.tool for c in calls]),
             response=response,
         )
         return Pause(approval=paused.approval, response=response)
+
+
+def _partial_usage(messages: list[dict], produced: str) -> Usage:
+    """What a call cut short has used, estimated (the upstream reports usage only at the end).
+    A call that failed before producing anything is not charged; see README, Billing."""
+    return Usage(tokens_estimate(prompt_length(messages)), tokens_estimate(len(produced)), estimated=True)
+
+
+def _delegations_record(calls: list[ToolExecution], contents: dict[uuid.UUID, str]) -> None:
+    """Delegations are tool executions too, so the execution's record shows what each agent was asked."""
+    for call in calls:
+        if tool_execution_start(tool_execution=call):
+            failed = contents[call.id].startswith('{"error"')
+            tool_execution_finish(tool_execution=call, ok=not failed, status_code=None, body="", error="")
+
+
+async def _agents_run(run: Run, jobs: dict) -> AsyncIterator[tuple[Progress, object, str | None, str]]:
+    """Run agent calls concurrently (at most AGENT_CONCURRENCY at once) and report as they go:
+    (Progress, key, answer or None, error). `jobs` maps a key to (agent, messages)."""
+    limit = asyncio.Semaphore(AGENT_CONCURRENCY)
+
+    async def one(key: object, agent: Agent, messages: list[dict]) -> tuple:
+        async with limit:
+            try:
+                return key, agent, await run.agent_call(agent, messages), ""
+            except ApiError as error:
+                return key, agent, None, error.message
+
+    for key, (agent, _) in jobs.items():
+        yield Progress(agent=agent.name, status="started"), key, None, ""
+    tasks = [asyncio.ensure_future(one(key, agent, messages)) for key, (agent, messages) in jobs.items()]
+    try:
+        for finished in asyncio.as_completed(tasks):
+            key, agent, answer, error = await finished
+            yield Progress(agent=agent.name, status="done" if answer is not None else "failed"), key, answer, error
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 async def _tool_result(call: ToolExecution) -> ToolResult:
@@ -298,9 +405,17 @@ async def _tool_result(call: ToolExecution) -> ToolResult:
     return await tool_call_run(tool=call.tool, arguments=arguments)
 
 
-async def run_events(run: Run) -> AsyncIterator[str | Answer | Pause]:
-    """The loop: brain → tool calls → tools (or a pause for approval) → brain, until it answers."""
-    for _ in range(MAX_TOOL_ROUNDS):
+async def run_events(run: Run) -> AsyncIterator[str | Progress | Answer | Pause]:
+    """The loop: [agents] → brain → tool calls → tools and delegations (or a pause for approval) →
+    brain, until it answers."""
+    if run.resumed_round:
+        async for progress in run.tools_run(run.resumed_round):
+            yield progress
+        run.messages.extend(run.request.messages)
+    elif run.mode == Mode.SYNTHESIS:
+        async for progress in run.synthesis():
+            yield progress
+    for rounds in range(MAX_TOOL_ROUNDS + 1):
         reply = None
         async for item in run.brain_call():
             if isinstance(item, ModelReply):
@@ -310,12 +425,15 @@ async def run_events(run: Run) -> AsyncIterator[str | Answer | Pause]:
         if not reply.tool_calls:
             yield Answer(reply)
             return
+        if rounds == MAX_TOOL_ROUNDS:
+            break  # before recording or running anything of a round that would not reach the brain
         calls = run.round_record(reply)
         if any(c.requires_approval for c in calls):
             yield await run.pause(calls)
             return
         await sync_to_async(ToolExecution.objects.bulk_create)(calls)
-        await run.tools_run(calls)
+        async for progress in run.tools_run(calls):
+            yield progress
     raise UpstreamError(
         f"The brain asked for tools {MAX_TOOL_ROUNDS} rounds in a row; the run was stopped.",
         code="tool_rounds_exceeded",
@@ -341,15 +459,46 @@ def _max_tokens(group: Group, request: ChatRequest) -> int:
     return request.max_tokens or group.max_output_tokens or settings.KITEMESH_DEFAULT_MAX_OUTPUT_TOKENS
 
 
+def _first_hold(
+    brain: CustomModel,
+    messages: list[dict],
+    specs: list[dict],
+    max_tokens: int,
+    agents: dict,
+    mode: str,
+    request: ChatRequest,
+) -> int:
+    """What a request reserves before anything is called: its first brain call, and in synthesis every
+    agent's call too, so a team that cannot pay gets 402 before any model runs."""
+    amount = call_worst_case(brain, messages, specs, max_tokens)
+    if mode == Mode.SYNTHESIS:
+        amount += sum(
+            call_worst_case(a.model, agent_messages(a, request.messages), [], max_tokens) for a in agents.values()
+        )
+    return amount
+
+
+def _agents(agents: list[GroupAgent]) -> dict[str, Agent]:
+    return {a.name: Agent.of(a, model_endpoint_get(a.model)) for a in agents}
+
+
 async def run_start(
-    *, token: ApiToken, group: Group, tools: list[Tool], request: ChatRequest, request_id: str
+    *,
+    token: ApiToken,
+    group: Group,
+    agents: list[GroupAgent],
+    tools: list[Tool],
+    request: ChatRequest,
+    request_id: str,
 ) -> Run | Replay:
-    mode = mode_resolve(group, request.mode)
+    mode = mode_resolve(group, request.mode, has_agents=bool(agents), has_tools=bool(tools))
     brain = group.brain
     messages = ([{"role": "system", "content": brain.system}] if brain.system else []) + request.messages
     params = {**request.upstream_params(), "max_tokens": _max_tokens(group, request)}
-    specs = [tool_spec(t) for t in tools]
-    first_call = call_worst_case(brain, messages, specs, params["max_tokens"])
+    run_agents = _agents(agents) if mode != Mode.NORMAL else {}
+    specs = [tool_spec(t) for t in tools] + (
+        [delegate_spec(list(run_agents.values()))] if mode == Mode.ORCHESTRATION else []
+    )
     start = await sync_to_async(execution_start)(
         token=token,
         group=group,
@@ -358,8 +507,8 @@ async def run_start(
         client_request_id=request.request_id is not None,
         body_hash=request.body_hash,
         stream=request.stream,
-        metadata=request.metadata,
-        hold_amount=first_call,
+        metadata={**request.metadata, "requested_mode": request.mode or group.mode},
+        hold_amount=_first_hold(brain, messages, specs, params["max_tokens"], run_agents, mode, request),
     )
     if start.replayed:
         return Replay(start.execution)
@@ -373,11 +522,16 @@ async def run_start(
         messages=messages,
         params=params,
         tools={t.name: t for t in tools},
+        mode=mode,
+        agents=run_agents,
     )
 
 
-async def run_resume(*, claim: ResumeClaim, tools: list[Tool], request: ChatRequest, request_id: str) -> Run:
-    """Continue a paused run: the round's tools run (or are refused), the resume's messages follow."""
+def run_resume(
+    *, claim: ResumeClaim, agents: list[GroupAgent], tools: list[Tool], request: ChatRequest, request_id: str
+) -> Run:
+    """Continue a paused run: the round's decided calls run first (in run_events), then the resume's
+    messages follow and the loop goes on."""
     state = claim.approval.state
     group = claim.approval.group
     run = Run(
@@ -394,22 +548,32 @@ async def run_resume(*, claim: ResumeClaim, tools: list[Tool], request: ChatRequ
             "max_tokens": request.max_tokens or state["params"]["max_tokens"],
         },
         tools={t.name: t for t in tools},
+        mode=state.get("mode", Mode.NORMAL),
+        agents=_agents(agents),
+        resumed_round=claim.tool_executions,
     )
-    run.reserved = claim.hold.amount if claim.hold else 0  # the claim held exactly the round's tools
-    run.reserved -= tools_price([c.tool for c in claim.tool_executions if c.status == ToolExecution.Status.APPROVED])
-    try:
-        await run.tools_run(claim.tool_executions)
-    except (ApiError, asyncio.CancelledError) as exc:
-        await run.finish(Execution.Status.FAILED, error=exc if isinstance(exc, ApiError) else None)
-        raise
-    run.messages.extend(request.messages)
     return run
 
 
-def resume_hold_amount(round_calls: list[ToolExecution]) -> int:
-    """What a resume holds when it claims the approval: the prices of the tools it will run (its brain
-    calls reserve their own worst case as they come)."""
-    return tools_price([c.tool for c in round_calls if c.status != ToolExecution.Status.DENIED and c.tool is not None])
+def resume_hold(
+    *, group: Group, agents: list[GroupAgent], tools: list[Tool], approval: Approval, request: ChatRequest
+) -> Callable[[list[ToolExecution]], int]:
+    """What a resume holds when it claims the approval, so a team that cannot pay gets 402 before any
+    tool runs (and the approval stays pending): the prices of the tools it will run, plus the next
+    brain call's worst case over the conversation as it stands (tool results, unknown yet, are reserved
+    when they are in)."""
+    state = approval.state
+    specs = [tool_spec(t) for t in tools]
+    if state.get("mode") == Mode.ORCHESTRATION:
+        specs.append(delegate_spec(list(_agents(agents).values())))
+    max_tokens = request.max_tokens or state["params"]["max_tokens"]
+    brain = call_worst_case(group.brain, state["messages"] + request.messages, specs, max_tokens)
+
+    def amount(round_calls: list[ToolExecution]) -> int:
+        running = [c.tool for c in round_calls if c.status != ToolExecution.Status.DENIED and c.tool is not None]
+        return tools_price(running) + brain
+
+    return amount
 
 
 # --- Rendering ------------------------------------------------------------------------------------
@@ -459,6 +623,10 @@ async def run_stream(run: Run) -> AsyncIterator[bytes]:
                 yield opening
             if isinstance(event, str):
                 yield sse_event(chunk_body(**chunk, delta={"content": event}))
+                continue
+            if isinstance(event, Progress):
+                progress = {**run.kitemesh(), "progress": {"agent": event.agent, "status": event.status}}
+                yield sse_event(chunk_body(**chunk, delta={}, kitemesh=progress))
                 continue
             if isinstance(event, Answer):
                 final = completion_body(

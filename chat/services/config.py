@@ -130,7 +130,11 @@ CONFIG_SCHEMA: dict[str, Any] = {
                     "approval": {"enum": [c.value for c in Group.ApprovalStyle]},
                     "approval_ttl_seconds": {"type": "integer", "minimum": 1},
                     "max_output_tokens": {"type": "integer", "minimum": 1},
+                    "webhook_url": _HTTP_URL,
+                    "webhook_secret": _NAME,
                 },
+                # A webhook is always signed: the URL comes with the secret that signs it.
+                "dependentRequired": {"webhook_url": ["webhook_secret"], "webhook_secret": ["webhook_url"]},
             },
         },
     },
@@ -322,6 +326,11 @@ class _Applier:
         ]
         if len({name for name, _, _ in agents}) != len(agents):
             raise self.fail("groups", index, "agents", "agent names must be unique (set 'name' to tell them apart)")
+        webhook_secret = None
+        if entry.get("webhook_secret"):
+            webhook_secret = self.ref(
+                VaultSecret, "groups", index, "webhook_secret", team=team, name=entry["webhook_secret"]
+            )
         group, outcome = _upsert(
             Group,
             {"pk": group_id},
@@ -333,6 +342,8 @@ class _Applier:
                 "approval_style": entry.get("approval", Group.ApprovalStyle.PER_TOOL),
                 "approval_ttl_seconds": entry.get("approval_ttl_seconds", 900),
                 "max_output_tokens": entry.get("max_output_tokens"),
+                "webhook_url": entry.get("webhook_url", ""),
+                "webhook_secret": webhook_secret,
             },
         )
         if {t.pk for t in group.tools.all()} != {t.pk for t in tools}:

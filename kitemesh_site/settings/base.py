@@ -2,6 +2,7 @@
 
 import os
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import dj_database_url
 
@@ -29,6 +30,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "adrf",
+    "django_eventstream",
     "chat",
     "approvals",
     "billing",
@@ -119,6 +121,37 @@ KITEMESH_UPSTREAM_READ_TIMEOUT = float(os.environ.get("KITEMESH_UPSTREAM_READ_TI
 KITEMESH_DEFAULT_MAX_OUTPUT_TOKENS = env_int("KITEMESH_DEFAULT_MAX_OUTPUT_TOKENS", 1024)
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
+
+
+def redis_options(url: str) -> dict:
+    """redis-py connection keywords from a redis:// or rediss:// URL (django-eventstream passes them to both
+    its sync publisher and its asyncio subscriber, so only keywords both accept)."""
+    parts = urlsplit(url)
+    return {
+        "host": parts.hostname or "127.0.0.1",
+        "port": parts.port or 6379,
+        "db": int(parts.path.lstrip("/") or 0),
+        "username": unquote(parts.username) if parts.username else None,
+        "password": unquote(parts.password) if parts.password else None,
+        "ssl": parts.scheme == "rediss",
+        # Publishing happens after a decision commits: a Redis that is down must fail fast, not hang the page.
+        "socket_connect_timeout": 3,
+    }
+
+
+# --- Live approval queue (django-eventstream, SSE on plain ASGI) ----------------------------------
+# One channel per team ("team-<id>"); approvals.events decides who may read it. Events are not stored:
+# the queue page re-reads the list whenever its stream (re)opens.
+EVENTSTREAM_CHANNELMANAGER_CLASS = "approvals.events.ApprovalChannelManager"
+if REDIS_URL:
+    # Every worker process publishes to Redis and relays what it hears to its own browsers.
+    EVENTSTREAM_REDIS = redis_options(REDIS_URL)
+
+# --- Approval webhooks (approvals.webhooks) -------------------------------------------------------
+KITEMESH_WEBHOOK_TIMEOUT_SECONDS = float(os.environ.get("KITEMESH_WEBHOOK_TIMEOUT_SECONDS", "5"))
+KITEMESH_WEBHOOK_ATTEMPTS = env_int("KITEMESH_WEBHOOK_ATTEMPTS", 4)
+# Wait before retry n (1-based): backoff × 2^(n-1).
+KITEMESH_WEBHOOK_BACKOFF_SECONDS = float(os.environ.get("KITEMESH_WEBHOOK_BACKOFF_SECONDS", "1"))
 
 # --- Logging --------------------------------------------------------------------------------------
 LOGGING = {

@@ -109,7 +109,7 @@ def test_raw_json_body_matches_the_documented_keys(live, http, setup: Setup, ups
         {"index": 0, "message": {"role": "assistant", "content": "Hello from upstream."}, "finish_reason": "stop"}
     ]
     assert body["usage"] == {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
-    assert set(body["kitemesh"]) == {"execution_id", "credits_charged", "request_id"}
+    assert set(body["kitemesh"]) == {"execution_id", "credits_charged", "request_id", "mode"}
     assert response.headers["X-Request-ID"] == body["kitemesh"]["request_id"]
 
 

@@ -468,8 +468,8 @@ def test_demo_config_applies_cleanly_and_idempotently(db):
     first = apply(demo)
     second = apply(demo)
 
-    assert summary(first).startswith("4 created, 0 updated")
-    assert summary(second) == "0 created, 0 updated, 4 unchanged"
+    assert summary(first).startswith("6 created, 0 updated")
+    assert summary(second) == "0 created, 0 updated, 6 unchanged"
     group = Group.objects.get(pk=uuid.UUID("00000000-0000-4000-8000-000000000001"))
     assert (group.team.name, group.brain.provider, group.mode) == ("demo", "scripted", "normal")
     assert [(t.name, t.requires_approval) for t in group.tools.all()] == [("health_check", True)]

@@ -23,6 +23,4 @@ def chromium_or_skip() -> str:
         if os.environ.get("KITEMESH_REQUIRE_SERVICES") == "1":
             pytest.fail(f"{CHROMIUM} is missing (.ci/run installs it with apt-get)")
         pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
-    # Playwright's sync API runs an event loop in this thread; the test's own ORM calls are still sync.
-    os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
     return CHROMIUM

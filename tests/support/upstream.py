@@ -22,6 +22,9 @@ class Reply:
     chunk_delay: float = 0.0
     finish_reason: str = "stop"
     tool_calls: list[dict] | None = None
+    # Streams only: 0 sends each tool call whole in one delta; N > 0 sends it as real upstreams do, a first
+    # delta with index, id, type, name and empty arguments, then its arguments in N fragments.
+    tool_call_pieces: int = 0
 
 
 @dataclass
@@ -110,8 +113,11 @@ class FakeUpstream:
                     self._event({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
                     time.sleep(reply.chunk_delay)
                 for index, call in enumerate(reply.tool_calls or ()):
-                    delta = {"tool_calls": [{"index": index, **call}]}
-                    self._event({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+                    for piece in _tool_call_deltas(index, call, reply.tool_call_pieces):
+                        delta = {"tool_calls": [piece]}
+                        self._event({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+                        if reply.tool_call_pieces:
+                            time.sleep(reply.chunk_delay)
                 self._event({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": reply.finish_reason}]})
                 if reply.usage is not None:
                     self._event({**base, "choices": [], "usage": reply.usage})
@@ -124,6 +130,23 @@ class FakeUpstream:
                 self.wfile.flush()
 
         return Handler
+
+
+def _tool_call_deltas(index: int, call: dict, pieces: int) -> list[dict]:
+    """The deltas that carry one streamed tool call: whole, or a head then `pieces` argument fragments."""
+    if pieces <= 0:
+        return [{"index": index, **call}]
+    function = call.get("function") or {}
+    arguments = function.get("arguments") or ""
+    head = {
+        "index": index,
+        "id": call.get("id"),
+        "type": call.get("type", "function"),
+        "function": {"name": function.get("name"), "arguments": ""},
+    }
+    size = max(1, -(-len(arguments) // pieces))  # ceil: at most `pieces` fragments
+    fragments = [arguments[start : start + size] for start in range(0, len(arguments), size)]
+    return [head, *({"index": index, "function": {"arguments": fragment}} for fragment in fragments)]
 
 
 def _completion(request: dict, reply: Reply) -> dict:

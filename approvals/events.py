@@ -1,0 +1,53 @@
+"""The live approval queue: browser events over django-eventstream (SSE), one channel per team, readable
+only by that team's approvers. Events carry ids and labels, never arguments; pages re-read what they show."""
+
+import logging
+import re
+
+from django.contrib.auth.models import AbstractBaseUser
+from django_eventstream import send_event
+from django_eventstream.channelmanager import DefaultChannelManager
+
+from approvals.selectors import approver_team_ids
+
+logger = logging.getLogger(__name__)
+
+CREATED = "approval.created"
+DECIDED = "approval.decided"
+RESUMED = "approval.resumed"
+EXPIRED = "approval.expired"
+
+_CHANNEL = re.compile(r"team-([0-9]+)")
+
+
+def team_channel(team_id: int) -> str:
+    return f"team-{team_id}"
+
+
+def channel_team_id(channel: str) -> int | None:
+    match = _CHANNEL.fullmatch(channel)
+    return int(match.group(1)) if match else None
+
+
+class ApprovalChannelManager(DefaultChannelManager):
+    """Channels are named in the `channel` query parameters; each must be `team-<id>` of a team the user
+    approves for (django-eventstream calls this when a stream opens and again after an overflow)."""
+
+    def can_read_channel(self, user: AbstractBaseUser | None, channel: str) -> bool:
+        team_id = channel_team_id(channel)
+        if user is None or team_id is None:
+            return False
+        return team_id in approver_team_ids(user=user)
+
+    def is_channel_reliable(self, channel: str) -> bool:
+        # No event storage: a page that (re)connects re-reads the queue instead of replaying events.
+        return False
+
+
+def approval_event_send(*, team_id: int, event_type: str, data: dict) -> None:
+    """Send one event to the team's approvers' browsers. Called after commit: a failure (Redis down) is
+    logged, never raised into the request that already committed its decision."""
+    try:
+        send_event(team_channel(team_id), event_type, data)
+    except Exception:
+        logger.exception("approval event %s for team %s was not sent", event_type, team_id)
