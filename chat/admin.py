@@ -1,5 +1,6 @@
 from django import forms
 from django.contrib import admin
+from django.db import models
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.urls import reverse
@@ -7,6 +8,9 @@ from django.urls import reverse
 from chat.models import ApiToken, CustomModel, Execution, Group, GroupAgent, Step, Team, Tool, VaultSecret
 from chat.services.tokens import token_secret_new
 from chat.services.vault import vault_encrypt
+
+# URLs without a scheme are taken as https (Django 6's default; saying it now silences its warning).
+URL_FIELDS = {models.URLField: {"assume_scheme": "https"}}
 
 
 @admin.register(Team)
@@ -52,12 +56,14 @@ class VaultSecretAdmin(admin.ModelAdmin):
 
 @admin.register(CustomModel)
 class CustomModelAdmin(admin.ModelAdmin):
+    formfield_overrides = URL_FIELDS
     list_display = ["name", "team", "provider", "model", "input_per_1k", "output_per_1k"]
     list_filter = ["team", "provider"]
 
 
 @admin.register(Tool)
 class ToolAdmin(admin.ModelAdmin):
+    formfield_overrides = URL_FIELDS
     list_display = ["name", "team", "method", "url", "requires_approval", "price"]
     list_filter = ["team", "requires_approval"]
 
@@ -69,6 +75,7 @@ class GroupAgentInline(admin.TabularInline):
 
 @admin.register(Group)
 class GroupAdmin(admin.ModelAdmin):
+    formfield_overrides = URL_FIELDS
     list_display = ["name", "id", "team", "brain", "mode", "approval_style"]
     list_filter = ["team", "mode"]
     filter_horizontal = ["tools"]
