@@ -15,6 +15,7 @@ from approvals.services import approval_expire, approval_resume_claim
 from billing.selectors import credit_account_get
 from chat.engine.runner import (
     Replay,
+    Run,
     replay_stream,
     resume_hold,
     run_complete,
@@ -24,9 +25,12 @@ from chat.engine.runner import (
 )
 from chat.engine.tools import arguments_redact
 from chat.errors import InvalidRequest, NotFound
+from chat.models import ApiToken
 from chat.selectors import execution_for_team_get, group_for_run_get, group_list_for_token
+from chat.services.rate_limits import request_admit, stream_admit, stream_release
 from chat.wire import (
     ChatRequest,
+    ResumeRequest,
     approval_body,
     body_parse,
     chat_request_parse,
@@ -37,9 +41,9 @@ from chat.wire import (
 )
 
 
-async def _sse_response(stream: AsyncIterator[bytes]) -> StreamingHttpResponse:
+async def _sse_response(stream: AsyncIterator[bytes], slots: list[str]) -> StreamingHttpResponse:
     """Wait for the first event before answering, so an error that comes first (upstream down) is a
-    plain HTTP error, not a stream that fails."""
+    plain HTTP error, not a stream that fails. From here the stream owns its rate-limit slots."""
     first = await anext(stream)
 
     async def events() -> AsyncIterator[bytes]:
@@ -49,6 +53,7 @@ async def _sse_response(stream: AsyncIterator[bytes]) -> StreamingHttpResponse:
                 yield event
         finally:
             await stream.aclose()  # a disconnect closes this wrapper: settle the run now, not at GC
+            await stream_release(slots)
 
     response = StreamingHttpResponse(events(), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
@@ -63,16 +68,43 @@ def _body(request: Request) -> dict:
     return body
 
 
-async def _answer(run, chat_request: ChatRequest) -> HttpResponseBase:
+async def _answer(run: Run | Replay, chat_request: ChatRequest, slots: list[str]) -> HttpResponseBase:
+    if isinstance(run, Replay):
+        if chat_request.stream:
+            return await _sse_response(replay_stream(run.body(), chat_request.include_usage), slots)
+        return Response(run.body())
     if chat_request.stream:
-        return await _sse_response(run_stream(run))
+        return await _sse_response(run_stream(run), slots)
     return Response(await run_complete(run))
+
+
+class _Admitted:
+    """Rate limits for one request: counts it, takes stream slots, and gives them back if the request
+    ends before its stream starts (the stream releases them itself once it runs)."""
+
+    def __init__(self, token: ApiToken, stream: bool) -> None:
+        self.token, self.stream, self.slots = token, stream, []
+
+    async def __aenter__(self) -> list[str]:
+        await request_admit(token=self.token)
+        if self.stream:
+            self.slots = await stream_admit(token=self.token)
+        return self.slots
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            await stream_release(self.slots)
 
 
 class ChatCompletionCreateApi(APIView):
     async def post(self, request: Request) -> HttpResponseBase:
         chat_request = chat_request_parse(_body(request))
         token = request.auth
+        async with _Admitted(token, chat_request.stream) as slots:
+            return await self._answer(request, token, chat_request, slots)
+
+    @staticmethod
+    async def _answer(request: Request, token: ApiToken, chat_request: ChatRequest, slots: list[str]):
         parts = await sync_to_async(group_for_run_get)(token=token, group_id=chat_request.group_id)
         run = await run_start(
             token=token,
@@ -82,17 +114,18 @@ class ChatCompletionCreateApi(APIView):
             request=chat_request,
             request_id=request._request.kitemesh_request_id,
         )
-        if isinstance(run, Replay):
-            if chat_request.stream:
-                return await _sse_response(replay_stream(run.body(), chat_request.include_usage))
-            return Response(run.body())
-        return await _answer(run, chat_request)
+        return await _answer(run, chat_request, slots)
 
 
 class ChatResumeApi(APIView):
     async def post(self, request: Request) -> HttpResponseBase:
         resume = resume_request_parse(_body(request))
         token = request.auth
+        async with _Admitted(token, resume.chat.stream) as slots:
+            return await self._answer(request, token, resume, slots)
+
+    @staticmethod
+    async def _answer(request: Request, token: ApiToken, resume: ResumeRequest, slots: list[str]):
         approval = await sync_to_async(approval_for_team_get)(team_id=token.team_id, approval_id=resume.approval_id)
         if approval.group_id != resume.chat.group_id:
             raise InvalidRequest(f"This approval belongs to 'group:{approval.group_id}'.", param="model")
@@ -114,7 +147,7 @@ class ChatResumeApi(APIView):
             request=resume.chat,
             request_id=request._request.kitemesh_request_id,
         )
-        return await _answer(run, resume.chat)
+        return await _answer(run, resume.chat, slots)
 
 
 def _uuid(value: str, what: str, code: str) -> uuid.UUID:

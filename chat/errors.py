@@ -65,6 +65,10 @@ class RateLimited(ApiError):
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
 
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after  # seconds, sent as the Retry-After header
+
 
 class UpstreamError(ApiError):
     status = 502

@@ -9,7 +9,17 @@ from django.db import models
 from django.db.models import Q
 
 
-class Team(models.Model):
+class RateLimits(models.Model):
+    """Abstract: limits on API use; empty means no limit (a token's limit applies beside its team's)."""
+
+    requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    concurrent_streams = models.PositiveIntegerField(null=True, blank=True)
+
+    class Meta:
+        abstract = True
+
+
+class Team(RateLimits):
     name = models.CharField(max_length=100, unique=True)
     members = models.ManyToManyField(settings.AUTH_USER_MODEL, blank=True, related_name="teams")
     created_at = models.DateTimeField(auto_now_add=True)
@@ -176,7 +186,7 @@ class GroupAgent(models.Model):
         return self.name
 
 
-class ApiToken(models.Model):
+class ApiToken(RateLimits):
     """A `km_…` bearer token. Only `prefix` is kept in clear (for lookup); the secret is a SHA-256 hash.
     An empty group or tool selection means all of the team's, minus the exclusions."""
 

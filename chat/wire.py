@@ -377,8 +377,12 @@ def api_exception_handler(exc: Exception, context: dict) -> Response:
         logger.exception("Unhandled error in %s", request.path, extra={"request_id": request_id_of(request)})
         error = ApiError("The server failed to process the request.", code="internal_error")
         error.status, error.type = 500, "server_error"
-    headers = {"WWW-Authenticate": 'Bearer realm="kitemesh"'} if error.status == 401 else None
-    return Response(error_body(error, request_id_of(request)), status=error.status, headers=headers)
+    headers = {}
+    if error.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="kitemesh"'
+    if getattr(error, "retry_after", None):
+        headers["Retry-After"] = str(error.retry_after)
+    return Response(error_body(error, request_id_of(request)), status=error.status, headers=headers or None)
 
 
 # --- KiteMesh resources ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Protocol
 import httpx
 from django.conf import settings
 
-from chat.engine.clients import per_loop_client
+from chat.engine.clients import per_loop
 from chat.errors import UpstreamError, UpstreamTimeout
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def _upstream_client() -> httpx.AsyncClient:
     )
 
 
-_client = per_loop_client(_upstream_client)
+_client = per_loop(_upstream_client)
 
 
 class OpenAIProvider:

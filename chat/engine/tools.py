@@ -17,7 +17,7 @@ from django.core.exceptions import ImproperlyConfigured
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError, ValidationError, relevance
 
-from chat.engine.clients import per_loop_client
+from chat.engine.clients import per_loop
 from chat.engine.ssrf import DestinationBlocked, IPAddress, Resolver, destination_check, literal_address
 from chat.models import Tool
 from chat.services.vault import vault_decrypt
@@ -400,4 +400,4 @@ def _tool_client() -> httpx.AsyncClient:
     )
 
 
-_client = per_loop_client(_tool_client)
+_client = per_loop(_tool_client)

@@ -32,7 +32,12 @@ CONFIG_SCHEMA: dict[str, Any] = {
                 "type": "object",
                 "additionalProperties": False,
                 "required": ["name"],
-                "properties": {"name": _NAME, "credits": {"type": "integer", "minimum": 0}},
+                "properties": {
+                    "name": _NAME,
+                    "credits": {"type": "integer", "minimum": 0},
+                    "requests_per_minute": {"type": "integer", "minimum": 1},
+                    "concurrent_streams": {"type": "integer", "minimum": 1},
+                },
             },
         },
         "secrets": {
@@ -225,11 +230,12 @@ class _Applier:
         return self.result
 
     def apply_teams(self, index: int, entry: dict) -> None:
-        team, created = Team.objects.get_or_create(name=entry["name"])
+        limits = {k: entry.get(k) for k in ("requests_per_minute", "concurrent_streams")}
+        team, outcome = _upsert(Team, {"name": entry["name"]}, limits)
         CreditAccount.objects.get_or_create(team=team)
-        if created and entry.get("credits"):
+        if outcome == "created" and entry.get("credits"):
             credits_grant(team=team, amount=entry["credits"], reason=f"initial grant from {self.path.name}")
-        self.result.record("created" if created else "unchanged", f"team {team.name}")
+        self.result.record(outcome, f"team {team.name}")
 
     def apply_secrets(self, index: int, entry: dict) -> None:
         team = self.team("secrets", index, entry["team"])

@@ -34,10 +34,20 @@ def token_create(
     groups: Iterable[Group] = (),
     tools: Iterable[Tool] = (),
     expires_at: datetime | None = None,
+    requests_per_minute: int | None = None,
+    concurrent_streams: int | None = None,
 ) -> tuple[ApiToken, str]:
     """Create a token and return it with its secret, which is never recoverable afterwards."""
     raw, prefix, secret_hash = token_secret_new()
-    token = ApiToken.objects.create(team=team, name=name, prefix=prefix, secret_hash=secret_hash, expires_at=expires_at)
+    token = ApiToken.objects.create(
+        team=team,
+        name=name,
+        prefix=prefix,
+        secret_hash=secret_hash,
+        expires_at=expires_at,
+        requests_per_minute=requests_per_minute,
+        concurrent_streams=concurrent_streams,
+    )
     token.groups.set(groups)
     token.tools.set(tools)
     return token, raw

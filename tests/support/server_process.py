@@ -52,8 +52,10 @@ class ServerProcess:
 
     def __init__(self, *, env: dict[str, str] | None = None) -> None:
         self.port = _free_port()
+        # Nothing inherited may point the process at a service outside the test; a test passes REDIS_URL itself.
+        inherited = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
         self.env = {
-            **os.environ,
+            **inherited,
             "DJANGO_SETTINGS_MODULE": "kitemesh_site.settings.base",
             "DATABASE_URL": database_url_of_this_run(),
             "DATABASE_CONN_MAX_AGE": "0",
@@ -64,7 +66,6 @@ class ServerProcess:
             "PYTHONUNBUFFERED": "1",
             **(env or {}),
         }
-        self.env.pop("REDIS_URL", None)  # nothing of this process may depend on a service outside the test
         self.log = tempfile.NamedTemporaryFile(prefix="kitemesh-server-", suffix=".log", delete=False)  # noqa: SIM115
         self.process: subprocess.Popen | None = None
 

@@ -15,8 +15,13 @@ class Command(BaseCommand):
         parser.add_argument("--group", action="append", default=[], help="Group UUID (repeat); default: all")
         parser.add_argument("--tool", action="append", default=[], help="Tool name (repeat); default: all")
         parser.add_argument("--expires-in", type=int, help="Seconds until the token expires")
+        parser.add_argument("--requests-per-minute", type=int, help="Rate limit for this token")
+        parser.add_argument("--concurrent-streams", type=int, help="Open streams allowed at once")
 
     def handle(self, *args, team: str, name: str, group: list, tool: list, expires_in: int | None, **o) -> None:
+        limits = {k: o.get(k) for k in ("requests_per_minute", "concurrent_streams")}
+        if any(v is not None and v <= 0 for v in limits.values()):
+            raise CommandError("--requests-per-minute and --concurrent-streams must be positive")
         team_obj = Team.objects.filter(name=team).first()
         if team_obj is None:
             raise CommandError(f"No team named {team!r}")
@@ -37,7 +42,7 @@ class Command(BaseCommand):
         if team_obj.api_tokens.filter(name=name, revoked_at=None).exists():
             raise CommandError(f"Team {team!r} already has an active token named {name!r}")
         token, raw = token_create(
-            team=team_obj, name=name, groups=groups, tools=tools, expires_at=token_expiry(expires_in)
+            team=team_obj, name=name, groups=groups, tools=tools, expires_at=token_expiry(expires_in), **limits
         )
         self.stderr.write(f"Token {token.name!r} for team {team!r} (shown once, store it now):")
         self.stdout.write(raw)

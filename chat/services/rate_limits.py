@@ -1,0 +1,115 @@
+"""Rate limits per token and per team: requests per minute (a fixed one-minute window) and concurrent
+streams. Counted in Redis when REDIS_URL is set, so every worker shares them; in this process otherwise."""
+
+import time
+from dataclasses import dataclass
+
+from django.conf import settings
+
+from chat.engine.clients import per_loop
+from chat.errors import RateLimited
+from chat.models import ApiToken
+
+STREAM_SLOT_TTL = 3600  # a worker that dies mid-stream frees its slots after this long (Redis only)
+
+
+@dataclass(frozen=True)
+class Limit:
+    key: str  # "token:12" or "team:3"
+    requests_per_minute: int | None
+    concurrent_streams: int | None
+
+
+def limits_for(token: ApiToken) -> list[Limit]:
+    """The token's own limits and its team's (both apply); limits left empty are no limit."""
+    return [
+        Limit(f"token:{token.pk}", token.requests_per_minute, token.concurrent_streams),
+        Limit(f"team:{token.team_id}", token.team.requests_per_minute, token.team.concurrent_streams),
+    ]
+
+
+class _LocalCounters:
+    """In-process counters (one event loop per worker, so no lock is needed between awaits)."""
+
+    def __init__(self) -> None:
+        self.windows: dict[str, tuple[int, int]] = {}  # key → (window start, count)
+        self.streams: dict[str, int] = {}
+
+    async def hit(self, key: str, window: int) -> int:
+        start, count = self.windows.get(key, (window, 0))
+        count = count + 1 if start == window else 1
+        self.windows[key] = (window, count)
+        return count
+
+    async def stream_open(self, key: str) -> int:
+        self.streams[key] = self.streams.get(key, 0) + 1
+        return self.streams[key]
+
+    async def stream_close(self, key: str) -> None:
+        self.streams[key] = max(self.streams.get(key, 0) - 1, 0)
+
+
+class _RedisCounters:
+    def __init__(self, url: str) -> None:
+        import redis.asyncio
+
+        self.redis = redis.asyncio.Redis.from_url(url)
+
+    async def hit(self, key: str, window: int) -> int:
+        name = f"kitemesh:rpm:{key}:{window}"
+        async with self.redis.pipeline(transaction=True) as pipe:
+            count, _ = await pipe.incr(name).expire(name, 120).execute()
+        return count
+
+    async def stream_open(self, key: str) -> int:
+        name = f"kitemesh:streams:{key}"
+        async with self.redis.pipeline(transaction=True) as pipe:
+            count, _ = await pipe.incr(name).expire(name, STREAM_SLOT_TTL).execute()
+        return count
+
+    async def stream_close(self, key: str) -> None:
+        await self.redis.decr(f"kitemesh:streams:{key}")
+
+
+def _counters_make() -> _LocalCounters | _RedisCounters:
+    return _RedisCounters(settings.REDIS_URL) if settings.REDIS_URL else _LocalCounters()
+
+
+_counters = per_loop(_counters_make)
+
+
+async def request_admit(*, token: ApiToken) -> None:
+    """Count one request against every requests-per-minute limit; 429 with Retry-After when over."""
+    now = time.time()
+    window = int(now // 60)
+    for limit in limits_for(token):
+        if limit.requests_per_minute is None:
+            continue
+        if await _counters().hit(limit.key, window) > limit.requests_per_minute:
+            raise RateLimited(
+                f"Rate limit of {limit.requests_per_minute} requests per minute reached for this "
+                f"{limit.key.split(':')[0]}.",
+                retry_after=max(int((window + 1) * 60 - now), 1),
+            )
+
+
+async def stream_admit(*, token: ApiToken) -> list[str]:
+    """Take a stream slot under every concurrent-streams limit (429 when one is full); returns the keys
+    to release with stream_release when the stream ends."""
+    taken: list[str] = []
+    for limit in limits_for(token):
+        if limit.concurrent_streams is None:
+            continue
+        taken.append(limit.key)
+        if await _counters().stream_open(limit.key) > limit.concurrent_streams:
+            await stream_release(taken)
+            raise RateLimited(
+                f"Too many open streams ({limit.concurrent_streams} allowed) for this {limit.key.split(':')[0]}.",
+                retry_after=1,
+            )
+    return taken
+
+
+async def stream_release(keys: list[str]) -> None:
+    for key in keys:
+        await _counters().stream_close(key)
