@@ -1,5 +1,7 @@
 """A small OpenAI-compatible upstream on loopback for tests: scripted replies (JSON or SSE, delays,
-errors), and a record of every request it received."""
+errors), and a record of every request it received. Replies are answered in arrival order from one
+shared queue, or from a queue of the requested model's own (`queue_for`), so calls made in parallel to
+different models each get theirs whatever order they arrive in."""
 
 import json
 import threading
@@ -40,6 +42,7 @@ class Received:
 class FakeUpstream:
     def __init__(self) -> None:
         self.replies: list[Reply] = []
+        self.replies_by_model: dict[str, list[Reply]] = {}
         self.received: list[Received] = []
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -55,9 +58,22 @@ class FakeUpstream:
         with self.lock:
             self.replies.extend(replies)
 
-    def next_reply(self) -> Reply:
+    def queue_for(self, model: str, *replies: Reply) -> None:
+        """Replies for requests naming `model` only, answered before the shared queue's."""
         with self.lock:
+            self.replies_by_model.setdefault(model, []).extend(replies)
+
+    def next_reply(self, model: str | None = None) -> Reply:
+        with self.lock:
+            own = self.replies_by_model.get(model) if model is not None else None
+            if own:
+                return own.pop(0)
             return self.replies.pop(0) if self.replies else Reply()
+
+    def received_for(self, model: str) -> list[Received]:
+        """The requests naming `model`, in arrival order."""
+        with self.lock:
+            return [r for r in self.received if r.body.get("model") == model]
 
     def start(self) -> "FakeUpstream":
         self.thread.start()
@@ -81,7 +97,8 @@ class FakeUpstream:
                 record = Received(self.path, dict(self.headers), json.loads(raw or b"{}"), time.monotonic())
                 with upstream.lock:
                     upstream.received.append(record)
-                reply = upstream.next_reply()
+                model = record.body.get("model")
+                reply = upstream.next_reply(model if isinstance(model, str) else None)
                 time.sleep(reply.delay)
                 try:
                     if reply.status != 200:
