@@ -2,6 +2,7 @@
 `scripted` model. Both answer `complete()` with a ModelReply and `stream()` with text deltas then one
 ModelReply."""
 
+import asyncio
 import json
 import logging
 import math
@@ -89,6 +90,45 @@ def _upstream_client() -> httpx.AsyncClient:
 _client = per_loop(_upstream_client)
 
 
+RETRY_STATUSES = {429, 502, 503, 504}
+
+
+class CircuitBreaker:
+    """Per upstream (base URL and model) and per process: after KITEMESH_CIRCUIT_FAILURES failures in a
+    row the circuit opens and calls fail at once for KITEMESH_CIRCUIT_COOLDOWN seconds; then one call
+    is let through, and its outcome closes or reopens the circuit."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.open_until = 0.0
+
+    def check(self, endpoint: ModelEndpoint) -> None:
+        now = time.monotonic()
+        if self.failures >= settings.KITEMESH_CIRCUIT_FAILURES and now < self.open_until:
+            raise UpstreamError(
+                f"The upstream model {endpoint.name!r} is failing; calls are paused for "
+                f"{math.ceil(self.open_until - now)} s.",
+                code="upstream_unavailable",
+            )
+        if self.failures >= settings.KITEMESH_CIRCUIT_FAILURES:
+            self.open_until = now + settings.KITEMESH_CIRCUIT_COOLDOWN  # half-open: this call is the trial
+
+    def success(self) -> None:
+        self.failures = 0
+
+    def failure(self) -> None:
+        self.failures += 1
+        if self.failures >= settings.KITEMESH_CIRCUIT_FAILURES:
+            self.open_until = time.monotonic() + settings.KITEMESH_CIRCUIT_COOLDOWN
+
+
+_breakers: dict[tuple[str, str], CircuitBreaker] = {}
+
+
+def _breaker_for(endpoint: ModelEndpoint) -> CircuitBreaker:
+    return _breakers.setdefault((endpoint.base_url, endpoint.model), CircuitBreaker())
+
+
 class OpenAIProvider:
     def _request(self, endpoint: ModelEndpoint, messages: list[dict], params: dict, stream: bool) -> httpx.Request:
         payload = {"model": endpoint.model, "messages": messages, **params}
@@ -115,11 +155,37 @@ class OpenAIProvider:
             return UpstreamTimeout(f"The upstream model {endpoint.name!r} did not answer in time.")
         return UpstreamError(f"The upstream model {endpoint.name!r} could not be reached ({type(exc).__name__}).")
 
+    async def _send(self, endpoint: ModelEndpoint, messages: list[dict], params: dict, stream: bool) -> httpx.Response:
+        """Send, retrying with backoff what certainly did not reach the model or was refused before it
+        ran (connection failures; 429, 502, 503, 504) — all before any byte goes to our client. A read
+        timeout is not retried: the model may be generating. The circuit breaker fails fast for an
+        upstream that keeps failing."""
+        breaker = _breaker_for(endpoint)
+        breaker.check(endpoint)
+        delays = [settings.KITEMESH_UPSTREAM_RETRY_BACKOFF * 2**n for n in range(settings.KITEMESH_UPSTREAM_RETRIES)]
+        for delay in [*delays, None]:
+            try:
+                response = await _client().send(self._request(endpoint, messages, params, stream), stream=stream)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                if delay is None:
+                    breaker.failure()
+                    raise self._transport_error(endpoint, exc) from None
+            except httpx.HTTPError as exc:
+                breaker.failure()
+                raise self._transport_error(endpoint, exc) from None
+            else:
+                if response.status_code not in RETRY_STATUSES or delay is None:
+                    if response.status_code < 500:
+                        breaker.success()
+                    else:
+                        breaker.failure()
+                    return response
+                await response.aclose()
+            await asyncio.sleep(delay)
+        raise AssertionError("the last attempt returns or raises")
+
     async def complete(self, endpoint: ModelEndpoint, messages: list[dict], params: dict) -> ModelReply:
-        try:
-            response = await _client().send(self._request(endpoint, messages, params, stream=False))
-        except httpx.HTTPError as exc:
-            raise self._transport_error(endpoint, exc) from None
+        response = await self._send(endpoint, messages, params, stream=False)  # body already read
         if response.status_code >= 400:
             raise self._status_error(endpoint, response)
         try:
@@ -143,10 +209,7 @@ class OpenAIProvider:
         parts: list[str] = []
         tool_calls: dict[int, dict] = {}
         finish_reason, reported = "stop", {}
-        try:
-            response = await _client().send(self._request(endpoint, messages, params, stream=True), stream=True)
-        except httpx.HTTPError as exc:
-            raise self._transport_error(endpoint, exc) from None
+        response = await self._send(endpoint, messages, params, stream=True)
         try:
             if response.status_code >= 400:
                 raise self._status_error(endpoint, response)

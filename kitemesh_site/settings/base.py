@@ -6,6 +6,8 @@ from urllib.parse import unquote, urlsplit
 
 import dj_database_url
 
+from kitemesh_site.logs import logging_config
+
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 VAR_DIR = BASE_DIR / "var"  # the default SQLite database and test databases live here
 VAR_DIR.mkdir(exist_ok=True)
@@ -31,6 +33,8 @@ INSTALLED_APPS = [
     "rest_framework",
     "adrf",
     "django_eventstream",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI served from our own static files, never a CDN
     "chat",
     "approvals",
     "billing",
@@ -99,6 +103,40 @@ REST_FRAMEWORK = {
     "DEFAULT_PARSER_CLASSES": [],
     "EXCEPTION_HANDLER": "chat.wire.api_exception_handler",
     "UNAUTHENTICATED_USER": None,
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+
+# The OpenAPI schema (/api/schema/) and its docs page (/api/docs/); the shapes live in chat/openapi.py.
+SPECTACULAR_SETTINGS = {
+    "TITLE": "KiteMesh API",
+    "VERSION": "1.0.0",
+    "DESCRIPTION": (
+        "OpenAI-compatible chat completions answered by a KiteMesh group, with human approval of tool calls "
+        "and credit billing. Point an OpenAI SDK at `<host>/v1` with a `km_…` token. Every error has the "
+        "`Error` envelope and every response an `X-Request-ID` header."
+    ),
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_GENERATE_CHOICE_DESCRIPTION": False,  # "* `low` - Low" lines add nothing here
+    "PREPROCESSING_HOOKS": ["chat.openapi.api_endpoints_only"],
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "chat.openapi.chat_answer_postprocess"],
+    # One name per choice set (the default names collide on "status", "role" and "type").
+    "ENUM_NAME_OVERRIDES": {
+        "AssistantRoleEnum": ["assistant"],
+        "ToolCallTypeEnum": ["function"],
+        "RunModeEnum": "chat.openapi.RUN_MODES",
+        "ProgressStatusEnum": "chat.openapi.PROGRESS_STATUSES",
+        "ErrorTypeEnum": "chat.openapi.ERROR_TYPES",
+        "ExecutionStatusEnum": "chat.models.Execution.Status",
+        "StepStatusEnum": "chat.models.Step.Status",
+        "ApprovalStatusEnum": "approvals.models.Approval.Status",
+        "ToolExecutionStatusEnum": "chat.models.ToolExecution.Status",
+    },
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    # validatorUrl null: Swagger UI would otherwise fetch a badge from validator.swagger.io.
+    "SWAGGER_UI_SETTINGS": {"deepLinking": True, "displayOperationId": True, "validatorUrl": None},
 }
 
 KITEMESH_MAX_BODY_BYTES = env_int("KITEMESH_MAX_BODY_BYTES", 8 * 1024 * 1024)
@@ -117,6 +155,11 @@ KITEMESH_TOOL_HOST_ALLOWLIST = [
 # Upstream model calls: connect fast, allow long generations between bytes.
 KITEMESH_UPSTREAM_CONNECT_TIMEOUT = float(os.environ.get("KITEMESH_UPSTREAM_CONNECT_TIMEOUT", "5"))
 KITEMESH_UPSTREAM_READ_TIMEOUT = float(os.environ.get("KITEMESH_UPSTREAM_READ_TIMEOUT", "120"))
+# Failures that certainly did not reach the model are retried (before any byte reaches the client).
+KITEMESH_UPSTREAM_RETRIES = env_int("KITEMESH_UPSTREAM_RETRIES", 2)
+KITEMESH_UPSTREAM_RETRY_BACKOFF = float(os.environ.get("KITEMESH_UPSTREAM_RETRY_BACKOFF", "0.25"))
+KITEMESH_CIRCUIT_FAILURES = env_int("KITEMESH_CIRCUIT_FAILURES", 5)
+KITEMESH_CIRCUIT_COOLDOWN = float(os.environ.get("KITEMESH_CIRCUIT_COOLDOWN", "30"))
 # Output-token cap sent upstream (and reserved for) when the client gives no max_tokens.
 KITEMESH_DEFAULT_MAX_OUTPUT_TOKENS = env_int("KITEMESH_DEFAULT_MAX_OUTPUT_TOKENS", 1024)
 
@@ -154,10 +197,7 @@ KITEMESH_WEBHOOK_ATTEMPTS = env_int("KITEMESH_WEBHOOK_ATTEMPTS", 4)
 KITEMESH_WEBHOOK_BACKOFF_SECONDS = float(os.environ.get("KITEMESH_WEBHOOK_BACKOFF_SECONDS", "1"))
 
 # --- Logging --------------------------------------------------------------------------------------
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
-    "root": {"handlers": ["console"], "level": os.environ.get("KITEMESH_LOG_LEVEL", "INFO")},
-    "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
-}
+# text: plain lines for a terminal (`make run`); json: one object a line with the request id (production's
+# default, see production.py).
+KITEMESH_LOG_LEVEL = os.environ.get("KITEMESH_LOG_LEVEL", "INFO")
+LOGGING = logging_config(log_format=os.environ.get("KITEMESH_LOG_FORMAT") or "text", level=KITEMESH_LOG_LEVEL)
