@@ -5,7 +5,18 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.urls import reverse
 
-from chat.models import ApiToken, CustomModel, Execution, Group, GroupAgent, Step, Team, Tool, VaultSecret
+from chat.models import (
+    ApiToken,
+    CustomModel,
+    Execution,
+    Group,
+    GroupAgent,
+    GroupFallback,
+    Step,
+    Team,
+    Tool,
+    VaultSecret,
+)
 from chat.services.tokens import token_secret_new
 from chat.services.vault import vault_encrypt
 
@@ -73,13 +84,18 @@ class GroupAgentInline(admin.TabularInline):
     extra = 0
 
 
+class GroupFallbackInline(admin.TabularInline):
+    model = GroupFallback
+    extra = 0
+
+
 @admin.register(Group)
 class GroupAdmin(admin.ModelAdmin):
     formfield_overrides = URL_FIELDS
     list_display = ["name", "id", "team", "brain", "mode", "approval_style"]
     list_filter = ["team", "mode"]
     filter_horizontal = ["tools"]
-    inlines = [GroupAgentInline]
+    inlines = [GroupAgentInline, GroupFallbackInline]
 
 
 @admin.register(ApiToken)

@@ -26,6 +26,14 @@ from chat.engine.runner import (
 from chat.engine.tools import arguments_redact
 from chat.errors import InvalidRequest, NotFound
 from chat.models import ApiToken
+from chat.openapi import (
+    approval_detail_schema,
+    chat_completion_schema,
+    chat_resume_schema,
+    credit_balance_schema,
+    execution_detail_schema,
+    model_list_schema,
+)
 from chat.selectors import execution_for_team_get, group_for_run_get, group_list_for_token
 from chat.services.rate_limits import request_admit, stream_admit, stream_release
 from chat.wire import (
@@ -39,6 +47,8 @@ from chat.wire import (
     execution_body,
     resume_request_parse,
 )
+from kitemesh_site.metrics import stream_first_byte_observe, stream_open
+from kitemesh_site.middleware import request_id_bind
 
 
 async def _sse_response(stream: AsyncIterator[bytes], slots: list[str]) -> StreamingHttpResponse:
@@ -47,13 +57,15 @@ async def _sse_response(stream: AsyncIterator[bytes], slots: list[str]) -> Strea
     first = await anext(stream)
 
     async def events() -> AsyncIterator[bytes]:
-        try:
-            yield first
-            async for event in stream:
-                yield event
-        finally:
-            await stream.aclose()  # a disconnect closes this wrapper: settle the run now, not at GC
-            await stream_release(slots)
+        with stream_open():
+            try:
+                stream_first_byte_observe()
+                yield first
+                async for event in stream:
+                    yield event
+            finally:
+                await stream.aclose()  # a disconnect closes this wrapper: settle the run now, not at GC
+                await stream_release(slots)
 
     response = StreamingHttpResponse(events(), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
@@ -64,7 +76,8 @@ async def _sse_response(stream: AsyncIterator[bytes], slots: list[str]) -> Strea
 def _body(request: Request) -> dict:
     """The JSON body; the client's metadata.request_id becomes the request's id before validation."""
     body = body_parse(request.body)
-    request._request.kitemesh_request_id = client_request_id(body) or request._request.kitemesh_request_id
+    if client_id := client_request_id(body):
+        request_id_bind(request._request, client_id)
     return body
 
 
@@ -97,6 +110,7 @@ class _Admitted:
 
 
 class ChatCompletionCreateApi(APIView):
+    @chat_completion_schema
     async def post(self, request: Request) -> HttpResponseBase:
         chat_request = chat_request_parse(_body(request))
         token = request.auth
@@ -111,6 +125,7 @@ class ChatCompletionCreateApi(APIView):
             group=parts.group,
             agents=parts.agents,
             tools=parts.tools,
+            fallbacks=parts.fallbacks,
             request=chat_request,
             request_id=request._request.kitemesh_request_id,
         )
@@ -118,6 +133,7 @@ class ChatCompletionCreateApi(APIView):
 
 
 class ChatResumeApi(APIView):
+    @chat_resume_schema
     async def post(self, request: Request) -> HttpResponseBase:
         resume = resume_request_parse(_body(request))
         token = request.auth
@@ -144,6 +160,7 @@ class ChatResumeApi(APIView):
             claim=claim,
             agents=parts.agents,
             tools=parts.tools,
+            fallbacks=parts.fallbacks,
             request=resume.chat,
             request_id=request._request.kitemesh_request_id,
         )
@@ -158,6 +175,7 @@ def _uuid(value: str, what: str, code: str) -> uuid.UUID:
 
 
 class ApprovalDetailApi(APIView):
+    @approval_detail_schema
     def get(self, request: Request, approval_id: str) -> Response:
         team_id = request.auth.team_id
         approval = approval_for_team_get(
@@ -169,6 +187,7 @@ class ApprovalDetailApi(APIView):
 
 
 class ExecutionDetailApi(APIView):
+    @execution_detail_schema
     def get(self, request: Request, execution_id: str) -> Response:
         execution = execution_for_team_get(
             team_id=request.auth.team_id, execution_id=_uuid(execution_id, "execution", "execution_not_found")
@@ -177,6 +196,7 @@ class ExecutionDetailApi(APIView):
 
 
 class ModelListApi(APIView):
+    @model_list_schema
     def get(self, request: Request) -> Response:
         groups = group_list_for_token(token=request.auth)
         team = request.auth.team.name
@@ -185,6 +205,7 @@ class ModelListApi(APIView):
 
 
 class CreditBalanceApi(APIView):
+    @credit_balance_schema
     def get(self, request: Request) -> Response:
         account = credit_account_get(team=request.auth.team)
         return Response(

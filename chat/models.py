@@ -186,6 +186,22 @@ class GroupAgent(models.Model):
         return self.name
 
 
+class GroupFallback(models.Model):
+    """A model that answers for the group's brain, in order, when the brain's upstream fails before
+    producing anything."""
+
+    group = models.ForeignKey(Group, on_delete=models.CASCADE, related_name="fallbacks")
+    model = models.ForeignKey(CustomModel, on_delete=models.PROTECT, related_name="fallback_of")
+    position = models.PositiveSmallIntegerField(default=0)
+
+    class Meta:
+        ordering = ["position", "id"]
+        constraints = [models.UniqueConstraint(fields=["group", "model"], name="group_fallback_unique_model")]
+
+    def __str__(self) -> str:
+        return f"{self.group.name} → {self.model.name}"
+
+
 class ApiToken(RateLimits):
     """A `km_…` bearer token. Only `prefix` is kept in clear (for lookup); the secret is a SHA-256 hash.
     An empty group or tool selection means all of the team's, minus the exclusions."""

@@ -8,7 +8,7 @@ from django.db.models import Exists, OuterRef, QuerySet
 
 from chat.engine.providers import ModelEndpoint
 from chat.errors import NotFound, PermissionDenied
-from chat.models import ApiToken, CustomModel, Execution, Group, GroupAgent, Team, Tool
+from chat.models import ApiToken, CustomModel, Execution, Group, GroupAgent, GroupFallback, Team, Tool
 from chat.services.vault import vault_decrypt
 
 _TokenGroups = ApiToken.groups.through
@@ -40,6 +40,7 @@ def group_for_token_get(*, token: ApiToken, group_id: uuid.UUID) -> Group:
         .annotate(
             has_agents=Exists(GroupAgent.objects.filter(group=OuterRef("pk"))),
             has_tools=Exists(Group.tools.through.objects.filter(group_id=OuterRef("pk"))),
+            has_fallbacks=Exists(GroupFallback.objects.filter(group=OuterRef("pk"))),
         )
         .filter(pk=group_id)
         .first()
@@ -59,14 +60,20 @@ class GroupForRun:
     group: Group
     agents: list[GroupAgent]
     tools: list[Tool]
+    fallbacks: list[CustomModel]
 
 
 def group_for_run_get(*, token: ApiToken, group_id: uuid.UUID) -> GroupForRun:
-    """group_for_token_get, plus agents and tools (no query for a group that has none)."""
+    """group_for_token_get, plus agents, tools and brain fallbacks (no query for what a group has none of)."""
     group = group_for_token_get(token=token, group_id=group_id)
     agents = list(group.agents.select_related("model", "model__api_key_secret")) if group.has_agents else []
     tools = tools_for_token_list(token=token, group=group) if group.has_tools else []
-    return GroupForRun(group=group, agents=agents, tools=tools)
+    fallbacks = (
+        [f.model for f in group.fallbacks.select_related("model", "model__api_key_secret")]
+        if group.has_fallbacks
+        else []
+    )
+    return GroupForRun(group=group, agents=agents, tools=tools, fallbacks=fallbacks)
 
 
 def group_list_for_token(*, token: ApiToken) -> list[Group]:

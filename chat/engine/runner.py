@@ -52,6 +52,7 @@ from chat.services.executions import (
     tool_execution_start,
 )
 from chat.wire import SSE_DONE, ChatRequest, chunk_body, completion_body, error_body, sse_event
+from kitemesh_site.metrics import tool_run_count, upstream_call_observe, upstream_error_count
 
 MAX_TOOL_ROUNDS = 8  # brain calls that ask for tools, in a row, before the run is stopped
 
@@ -103,7 +104,7 @@ class Run:
     group: Group
     request: ChatRequest
     request_id: str  # this request's (a resume has its own; the execution keeps the first)
-    endpoint: ModelEndpoint
+    brains: list[tuple[CustomModel, ModelEndpoint]]  # the brain, then its fallbacks in order
     messages: list[dict]
     params: dict
     tools: dict[str, Tool]
@@ -144,6 +145,9 @@ class Run:
     def step_model(
         self, model: CustomModel, agent: str, usage: Usage, started: float, status: str, error: str = ""
     ) -> None:
+        """Record a model call (every one ends here, whatever its outcome, so it is measured here too)."""
+        elapsed = time.monotonic() - started
+        upstream_call_observe(model=model.model, seconds=elapsed)
         self.steps.append(
             Step(
                 execution=self.execution,
@@ -156,12 +160,13 @@ class Run:
                 completion_tokens=usage.completion_tokens,
                 usage_estimated=usage.estimated,
                 cost=model_cost(model, usage),
-                latency_ms=int((time.monotonic() - started) * 1000),
+                latency_ms=int(elapsed * 1000),
                 error=error[:500],
             )
         )
 
     def step_tool(self, tool_execution: ToolExecution, tool: Tool, result: ToolResult, started: float) -> None:
+        tool_run_count(tool=tool.name, sent=result.sent, ok=result.ok)
         self.steps.append(
             Step(
                 execution=self.execution,
@@ -195,31 +200,38 @@ class Run:
 
     async def brain_call(self) -> AsyncIterator[str | ModelReply]:
         """One brain call, reserved first and recorded as a step whatever happens: text deltas (when
-        streaming), then the reply."""
+        streaming), then the reply. When the brain's upstream fails before producing anything, its
+        fallbacks answer in turn."""
         specs = self.tool_specs()
         params = {**self.params, "tools": specs} if specs else self.params
-        await self.reserve(call_worst_case(self.brain, self.messages, specs, self.params["max_tokens"]))
-        provider, started, produced = provider_for(self.endpoint), time.monotonic(), []
-        try:
-            if self.request.stream:
-                async for item in provider.stream(self.endpoint, self.messages, params):
-                    if isinstance(item, ModelReply):
-                        reply = item
-                    else:
-                        produced.append(item)
-                        yield item
-            else:
-                reply = await provider.complete(self.endpoint, self.messages, params)
-        except ApiError as error:
-            used = _partial_usage(self.messages, "".join(produced)) if produced else Usage()
-            self.step_model(self.brain, "", used, started, Step.Status.FAILED, error.message)
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            used = _partial_usage(self.messages, "".join(produced))
-            self.step_model(self.brain, "", used, started, Step.Status.CANCELLED, "client disconnected")
-            raise
-        self.step_model(self.brain, "", reply.usage, started, Step.Status.SUCCEEDED)
-        yield reply
+        max_tokens = self.params["max_tokens"]
+        await self.reserve(max(call_worst_case(model, self.messages, specs, max_tokens) for model, _ in self.brains))
+        for attempt, (model, endpoint) in enumerate(self.brains):
+            provider, started, produced = provider_for(endpoint), time.monotonic(), []
+            try:
+                if self.request.stream:
+                    async for item in provider.stream(endpoint, self.messages, params):
+                        if isinstance(item, ModelReply):
+                            reply = item
+                        else:
+                            produced.append(item)
+                            yield item
+                else:
+                    reply = await provider.complete(endpoint, self.messages, params)
+            except ApiError as error:
+                upstream_error_count(group=str(self.group.id), code=error.code)
+                used = _partial_usage(self.messages, "".join(produced)) if produced else Usage()
+                self.step_model(model, "", used, started, Step.Status.FAILED, error.message)
+                if produced or attempt == len(self.brains) - 1:
+                    raise
+                continue  # nothing reached the client: the next fallback answers
+            except (asyncio.CancelledError, GeneratorExit):
+                used = _partial_usage(self.messages, "".join(produced))
+                self.step_model(model, "", used, started, Step.Status.CANCELLED, "client disconnected")
+                raise
+            self.step_model(model, "", reply.usage, started, Step.Status.SUCCEEDED)
+            yield reply
+            return
 
     async def agent_call(self, agent: Agent, messages: list[dict]) -> str:
         """One agent answer (reserved beforehand by the caller), recorded as a step with the agent's
@@ -229,6 +241,7 @@ class Run:
         try:
             reply = await provider_for(agent.endpoint).complete(agent.endpoint, messages, params)
         except ApiError as error:
+            upstream_error_count(group=str(self.group.id), code=error.code)
             self.step_model(agent.model, agent.name, Usage(), started, Step.Status.FAILED, error.message)
             raise
         except asyncio.CancelledError:
@@ -478,6 +491,10 @@ def _first_hold(
     return amount
 
 
+def _brains(brain: CustomModel, fallbacks: list[CustomModel]) -> list[tuple[CustomModel, ModelEndpoint]]:
+    return [(model, model_endpoint_get(model)) for model in [brain, *fallbacks]]
+
+
 def _agents(agents: list[GroupAgent]) -> dict[str, Agent]:
     return {a.name: Agent.of(a, model_endpoint_get(a.model)) for a in agents}
 
@@ -488,6 +505,7 @@ async def run_start(
     group: Group,
     agents: list[GroupAgent],
     tools: list[Tool],
+    fallbacks: list[CustomModel],
     request: ChatRequest,
     request_id: str,
 ) -> Run | Replay:
@@ -518,7 +536,7 @@ async def run_start(
         group=group,
         request=request,
         request_id=request_id,
-        endpoint=model_endpoint_get(brain),
+        brains=_brains(brain, fallbacks),
         messages=messages,
         params=params,
         tools={t.name: t for t in tools},
@@ -528,7 +546,13 @@ async def run_start(
 
 
 def run_resume(
-    *, claim: ResumeClaim, agents: list[GroupAgent], tools: list[Tool], request: ChatRequest, request_id: str
+    *,
+    claim: ResumeClaim,
+    agents: list[GroupAgent],
+    tools: list[Tool],
+    fallbacks: list[CustomModel],
+    request: ChatRequest,
+    request_id: str,
 ) -> Run:
     """Continue a paused run: the round's decided calls run first (in run_events), then the resume's
     messages follow and the loop goes on."""
@@ -540,7 +564,7 @@ def run_resume(
         group=group,
         request=request,
         request_id=request_id,
-        endpoint=model_endpoint_get(group.brain),
+        brains=_brains(group.brain, fallbacks),
         messages=state["messages"],
         params={
             **state["params"],

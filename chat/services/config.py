@@ -14,7 +14,7 @@ from django.db import models, transaction
 
 from billing.models import CreditAccount
 from billing.services.ledger import credits_grant
-from chat.models import CustomModel, Group, GroupAgent, Mode, Team, Tool, VaultSecret
+from chat.models import CustomModel, Group, GroupAgent, GroupFallback, Mode, Team, Tool, VaultSecret
 from chat.services.vault import secret_set
 
 _NAME = {"type": "string", "minLength": 1, "maxLength": 100}
@@ -132,6 +132,7 @@ CONFIG_SCHEMA: dict[str, Any] = {
                         },
                     },
                     "tools": {"type": "array", "items": _NAME},
+                    "fallbacks": {"type": "array", "items": _NAME},
                     "approval": {"enum": [c.value for c in Group.ApprovalStyle]},
                     "approval_ttl_seconds": {"type": "integer", "minimum": 1},
                     "max_output_tokens": {"type": "integer", "minimum": 1},
@@ -361,6 +362,16 @@ class _Applier:
             GroupAgent.objects.bulk_create(
                 GroupAgent(group=group, name=name, model=model, role=role, position=pos)
                 for pos, (name, model, role) in enumerate(agents)
+            )
+            outcome = "updated" if outcome == "unchanged" else outcome
+        fallbacks = [
+            self.ref(CustomModel, "groups", index, "fallbacks", team=team, name=name)
+            for name in entry.get("fallbacks", [])
+        ]
+        if [f.model_id for f in group.fallbacks.all()] != [m.pk for m in fallbacks]:
+            group.fallbacks.all().delete()
+            GroupFallback.objects.bulk_create(
+                GroupFallback(group=group, model=model, position=pos) for pos, model in enumerate(fallbacks)
             )
             outcome = "updated" if outcome == "unchanged" else outcome
         self.result.record(outcome, f"group {team.name}/{group.name} ({group.id})")

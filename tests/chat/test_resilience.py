@@ -2,12 +2,14 @@
 goes to the client), no retry of a read timeout, and a circuit breaker that fails fast."""
 
 import time
+from decimal import Decimal
 
 import httpx
 import pytest
 
+from chat.models import CustomModel, Execution, GroupFallback
 from tests.conftest import Setup
-from tests.support.upstream import Reply
+from tests.support.upstream import FakeUpstream, Reply
 
 
 @pytest.fixture(autouse=True)
@@ -80,3 +82,56 @@ def test_a_failing_upstream_opens_the_circuit_which_fails_fast_then_closes_after
     assert fast.status_code == 502 and fast.json()["error"]["code"] == "upstream_unavailable"
     assert recovered.status_code == 200
     assert len(upstream.received) == 3  # the call refused by the open circuit reached no upstream
+
+
+@pytest.fixture
+def fallback_upstream():
+    server = FakeUpstream().start()
+    yield server
+    server.stop()
+
+
+def _with_fallback(setup: Setup, fallback_upstream: FakeUpstream) -> CustomModel:
+    spare = CustomModel.objects.create(
+        team=setup.team,
+        name="spare",
+        base_url=fallback_upstream.base_url,
+        model="spare-model",
+        input_per_1k=Decimal(100),
+        output_per_1k=Decimal(100),
+    )
+    GroupFallback.objects.create(group=setup.group, model=spare, position=0)
+    return spare
+
+
+def test_a_fallback_answers_when_the_brain_fails_before_producing_anything(
+    live, http, setup, upstream, fallback_upstream, settings
+):
+    settings.KITEMESH_UPSTREAM_RETRIES = 0
+    _with_fallback(setup, fallback_upstream)
+    upstream.queue(Reply(status=500))
+    fallback_upstream.queue(Reply(content="from the spare", usage={"prompt_tokens": 10, "completion_tokens": 10}))
+
+    response = _chat(http, setup)
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["choices"][0]["message"]["content"] == "from the spare"
+    assert fallback_upstream.received[0].body["model"] == "spare-model"
+    steps = list(Execution.objects.get(pk=body["kitemesh"]["execution_id"]).steps.values_list("model_name", "status"))
+    assert steps == [("up-model", "failed"), ("spare-model", "succeeded")]
+    assert body["kitemesh"]["credits_charged"] == 2  # (10 × 100 + 10 × 100) / 1000 at the spare's prices
+
+
+def test_no_fallback_once_the_brain_has_streamed_text(live, http, setup, upstream, fallback_upstream):
+    _with_fallback(setup, fallback_upstream)
+    upstream.queue(Reply(chunks=["partial"], status=200, usage=None))
+    setup.brain.timeout_seconds = 0.5
+    setup.brain.save(update_fields=["timeout_seconds"])
+    upstream.replies[0].chunk_delay = 2.0  # the stream stalls after its first piece: a read timeout
+
+    response = _chat(http, setup, stream=True)
+
+    assert response.status_code == 200
+    assert '"content":"partial"' in response.text and '"upstream_timeout"' in response.text
+    assert fallback_upstream.received == []
