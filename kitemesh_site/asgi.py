@@ -1,5 +1,5 @@
-"""The ASGI application (`kitemesh_site.asgi:application`): Django for HTTP, behind a body-size guard
-that answers 413 before a large body is read; lifespan handled here; other scope types refused."""
+"""The ASGI application (`kitemesh_site.asgi:application`): Django for HTTP, measured and behind a body-size
+guard that answers 413 before a large body is read; lifespan handled here; other scope types refused."""
 
 import os
 
@@ -15,6 +15,7 @@ from django.conf import settings  # noqa: E402  (after Django is set up)
 from chat.errors import RequestTooLarge  # noqa: E402
 from chat.services.vault import vault_key_check  # noqa: E402
 from chat.wire import error_body, request_id_new  # noqa: E402
+from kitemesh_site import metrics  # noqa: E402
 
 
 async def _send_too_large(send) -> None:
@@ -34,6 +35,11 @@ async def _send_too_large(send) -> None:
 
 
 async def _http(scope, receive, send) -> None:
+    # Measured out here, not in a Django middleware, so the guard's 413s count too.
+    await metrics.http_measure(_body_limited, scope, receive, send)
+
+
+async def _body_limited(scope, receive, send) -> None:
     limit = settings.KITEMESH_MAX_BODY_BYTES
     declared = dict(scope.get("headers") or ()).get(b"content-length", b"0")
     if declared.isdigit() and int(declared) > limit:
@@ -72,6 +78,7 @@ async def _lifespan(scope, receive, send) -> None:
                 return
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
+            metrics.process_exit()
             await send({"type": "lifespan.shutdown.complete"})
             return
 

@@ -1,4 +1,5 @@
-"""Request-wide API concerns: a request id on every API response, and the body size limit."""
+"""Request-wide API concerns: a request id on every API response (and on every log line written while it
+is served), and the body size limit."""
 
 from collections.abc import Callable
 
@@ -9,8 +10,17 @@ from django.utils.decorators import sync_and_async_middleware
 
 from chat.errors import RequestTooLarge
 from chat.wire import error_response, request_id_new
+from kitemesh_site.logs import request_id_var
 
 API_PREFIXES = ("/v1/",)
+
+
+def request_id_bind(request: HttpRequest, request_id: str) -> None:
+    """Make `request_id` the request's: its X-Request-ID, and the id on the log lines written for it. Never
+    reset, since a stream logs after the middleware returns: under ASGI each request runs in a context of its
+    own (Django's task, copied into any sync_to_async thread), which ends with it."""
+    request.kitemesh_request_id = request_id
+    request_id_var.set(request_id)
 
 
 def _too_large(request: HttpRequest) -> HttpResponse | None:
@@ -38,7 +48,7 @@ def api_request_middleware(get_response: Callable) -> Callable:
         async def middleware(request: HttpRequest) -> HttpResponse:
             if not request.path.startswith(API_PREFIXES):
                 return await get_response(request)
-            request.kitemesh_request_id = request_id_new()
+            request_id_bind(request, request_id_new())
             return _tag(request, _too_large(request) or await get_response(request))
 
     else:
@@ -46,7 +56,7 @@ def api_request_middleware(get_response: Callable) -> Callable:
         def middleware(request: HttpRequest) -> HttpResponse:
             if not request.path.startswith(API_PREFIXES):
                 return get_response(request)
-            request.kitemesh_request_id = request_id_new()
+            request_id_bind(request, request_id_new())
             return _tag(request, _too_large(request) or get_response(request))
 
     return middleware

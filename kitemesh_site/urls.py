@@ -1,6 +1,7 @@
 from django.contrib import admin
 from django.urls import include, path, re_path
 from django.views.generic import RedirectView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from approvals.views import approval_events_view
 from chat.api import (
@@ -13,6 +14,7 @@ from chat.api import (
     api_not_found_view,
 )
 from kitemesh_site.health import healthz_view, readyz_view
+from kitemesh_site.metrics import metrics_view
 
 urlpatterns = [
     path("v1/chat/completions", ChatCompletionCreateApi.as_view()),
@@ -21,8 +23,11 @@ urlpatterns = [
     path("v1/executions/<str:execution_id>", ExecutionDetailApi.as_view()),
     path("v1/models", ModelListApi.as_view()),
     path("v1/credits", CreditBalanceApi.as_view()),
+    path("api/schema/", SpectacularAPIView.as_view(), name="openapi-schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="openapi-schema"), name="openapi-docs"),
     path("healthz", healthz_view),
     path("readyz", readyz_view),
+    path("metrics", metrics_view),
     path("admin/", admin.site.urls),
     path("accounts/", include("django.contrib.auth.urls")),
     path("approvals/", include("approvals.urls")),

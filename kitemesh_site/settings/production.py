@@ -4,7 +4,10 @@ import os
 
 from django.core.exceptions import ImproperlyConfigured
 
+from kitemesh_site.logs import logging_config
+
 from .base import *  # noqa: F403
+from .base import KITEMESH_LOG_LEVEL
 
 
 def required_env(name: str) -> str:
@@ -31,3 +34,6 @@ SECURE_HSTS_SECONDS = int(os.environ.get("DJANGO_SECURE_HSTS_SECONDS", str(365 *
 SECURE_HSTS_INCLUDE_SUBDOMAINS = os.environ.get("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", "1") == "1"
 SECURE_HSTS_PRELOAD = os.environ.get("DJANGO_SECURE_HSTS_PRELOAD", "1") == "1"
 CSRF_TRUSTED_ORIGINS = [o for o in os.environ.get("DJANGO_CSRF_TRUSTED_ORIGINS", "").split(",") if o]
+
+# --- Logging: one JSON object a line for log shippers, unless KITEMESH_LOG_FORMAT=text ----------------
+LOGGING = logging_config(log_format=os.environ.get("KITEMESH_LOG_FORMAT") or "json", level=KITEMESH_LOG_LEVEL)
