@@ -405,6 +405,8 @@ async def _agents_run(run: Run, jobs: dict) -> AsyncIterator[tuple[Progress, obj
     finally:
         for task in tasks:
             task.cancel()
+        # Let cancelled agents record their steps before the run settles what it used.
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _tool_result(call: ToolExecution) -> ToolResult:
@@ -482,13 +484,16 @@ def _first_hold(
     request: ChatRequest,
 ) -> int:
     """What a request reserves before anything is called: its first brain call, and in synthesis every
-    agent's call too, so a team that cannot pay gets 402 before any model runs."""
-    amount = call_worst_case(brain, messages, specs, max_tokens)
-    if mode == Mode.SYNTHESIS:
-        amount += sum(
-            call_worst_case(a.model, agent_messages(a, request.messages), [], max_tokens) for a in agents.values()
-        )
-    return amount
+    agent's call and the brain's reading of their answers, so a team that cannot pay gets 402 before
+    any model runs."""
+    if mode != Mode.SYNTHESIS:
+        return call_worst_case(brain, messages, specs, max_tokens)
+    agent_calls = sum(
+        call_worst_case(a.model, agent_messages(a, request.messages), [], max_tokens) for a in agents.values()
+    )
+    # The brain then reads every agent's answer (up to max_tokens each) in the synthesis note.
+    note = synthesis_note([(name, "x" * max_tokens * 4, "") for name in agents])
+    return agent_calls + call_worst_case(brain, [*messages, note], specs, max_tokens)
 
 
 def _brains(brain: CustomModel, fallbacks: list[CustomModel]) -> list[tuple[CustomModel, ModelEndpoint]]:
@@ -583,19 +588,28 @@ def resume_hold(
     *, group: Group, agents: list[GroupAgent], tools: list[Tool], approval: Approval, request: ChatRequest
 ) -> Callable[[list[ToolExecution]], int]:
     """What a resume holds when it claims the approval, so a team that cannot pay gets 402 before any
-    tool runs (and the approval stays pending): the prices of the tools it will run, plus the next
-    brain call's worst case over the conversation as it stands (tool results, unknown yet, are reserved
-    when they are in)."""
+    tool runs (and the approval stays pending): the prices of the tools it will run, the worst case of
+    the round's delegations, and the next brain call's over the conversation as it stands (tool
+    results, unknown yet, are reserved when they are in)."""
     state = approval.state
     specs = [tool_spec(t) for t in tools]
-    if state.get("mode") == Mode.ORCHESTRATION:
-        specs.append(delegate_spec(list(_agents(agents).values())))
+    run_agents = _agents(agents) if state.get("mode") == Mode.ORCHESTRATION else {}
+    if run_agents:
+        specs.append(delegate_spec(list(run_agents.values())))
     max_tokens = request.max_tokens or state["params"]["max_tokens"]
     brain = call_worst_case(group.brain, state["messages"] + request.messages, specs, max_tokens)
 
+    def delegation(call: ToolExecution) -> int:
+        try:
+            agent, task = delegate_arguments(call.arguments, run_agents)
+        except ValueError:
+            return 0  # refused without calling anyone
+        return call_worst_case(agent.model, task_messages(agent, task), [], max_tokens)
+
     def amount(round_calls: list[ToolExecution]) -> int:
         running = [c.tool for c in round_calls if c.status != ToolExecution.Status.DENIED and c.tool is not None]
-        return tools_price(running) + brain
+        delegations = [c for c in round_calls if c.tool_name == DELEGATE_TOOL and run_agents]
+        return tools_price(running) + sum(delegation(c) for c in delegations) + brain
 
     return amount
 
