@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import secrets
 import uuid
 from collections.abc import Callable
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 PASSTHROUGH_FIELDS = ("top_p", "stop", "seed", "response_format", "user")
 MISSING_TOKEN_MESSAGE = "Missing Bearer API token"
+REQUEST_ID = re.compile(r"[\x20-\x7e]{1,128}")  # goes into a response header: printable ASCII only
 
 
 def request_id_new() -> str:
@@ -77,7 +79,20 @@ def body_parse(raw: bytes) -> dict:
         raise InvalidRequest(f"The body is not valid JSON: {exc}", code="invalid_json") from exc
     if not isinstance(body, dict):
         raise InvalidRequest("The body must be a JSON object.", code="invalid_json")
+    if b"\\u0000" in raw and _has_nul(body):  # the substring test keeps the walk off the common path
+        raise InvalidRequest("Text in the body must not contain NUL characters (\\u0000).")
     return body
+
+
+def _has_nul(value: Any) -> bool:
+    """NUL cannot be stored in PostgreSQL text, and no prompt needs it."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def _content_check(content: Any, param: str, *, nullable: bool) -> None:
@@ -152,8 +167,11 @@ def _metadata_parse(metadata: Any) -> tuple[dict, str | None, str | None]:
     if not isinstance(metadata, dict):
         raise _fail("metadata must be an object.", "metadata")
     request_id = metadata.get("request_id")
-    if request_id is not None and not (isinstance(request_id, str) and 0 < len(request_id) <= 128):
-        raise _fail("request_id must be a non-empty string of at most 128 characters.", "metadata.request_id")
+    if request_id is not None and not (isinstance(request_id, str) and REQUEST_ID.fullmatch(request_id)):
+        raise _fail(
+            "request_id must be 1 to 128 printable ASCII characters (it is echoed in X-Request-ID).",
+            "metadata.request_id",
+        )
     mode = metadata.get("mode")
     if mode is not None and mode not in Mode.values:
         raise _fail(f"mode must be one of {', '.join(Mode.values)}.", "metadata.mode")
@@ -199,7 +217,7 @@ def client_request_id(body: dict) -> str | None:
     """metadata.request_id when valid, read before the rest so even a 400 carries the client's id."""
     metadata = body.get("metadata")
     request_id = metadata.get("request_id") if isinstance(metadata, dict) else None
-    return request_id if isinstance(request_id, str) and 0 < len(request_id) <= 128 else None
+    return request_id if isinstance(request_id, str) and REQUEST_ID.fullmatch(request_id) else None
 
 
 def chat_request_parse(body: dict, *, resume: bool = False) -> ChatRequest:

@@ -194,12 +194,12 @@ class OpenAIProvider:
             message = choice.get("message") or {}
         except (ValueError, KeyError, IndexError, TypeError):
             raise UpstreamError(f"The upstream model {endpoint.name!r} sent a malformed response.") from None
-        content = message.get("content")
+        content = _text(message.get("content"))
         reported = body.get("usage") or {}
         return ModelReply(
             content=content,
             finish_reason=choice.get("finish_reason") or "stop",
-            tool_calls=message.get("tool_calls") or [],
+            tool_calls=_tool_calls_clean(message.get("tool_calls") or []),
             usage=_usage(reported, messages, len(content or "")),
         )
 
@@ -227,8 +227,9 @@ class OpenAIProvider:
                 for choice in chunk.get("choices") or ():
                     delta = choice.get("delta") or {}
                     if delta.get("content"):
-                        parts.append(delta["content"])
-                        yield delta["content"]
+                        piece = _text(delta["content"])
+                        parts.append(piece)
+                        yield piece
                     for call in delta.get("tool_calls") or ():
                         _tool_call_merge(tool_calls, call)
                     finish_reason = choice.get("finish_reason") or finish_reason
@@ -245,6 +246,20 @@ class OpenAIProvider:
         )
 
 
+def _text(value: str | None) -> str | None:
+    """Model text as stored and relayed: NUL characters dropped (PostgreSQL text cannot hold them)."""
+    return value.replace("\x00", "") if value and "\x00" in value else value
+
+
+def _tool_calls_clean(tool_calls: list) -> list[dict]:
+    """A non-stream answer's tool calls in the same clean shape as assembled streamed ones."""
+    calls: dict[int, dict] = {}
+    for index, call in enumerate(tool_calls):
+        if isinstance(call, dict):
+            _tool_call_merge(calls, {**call, "index": index})
+    return [calls[i] for i in sorted(calls)]
+
+
 def _tool_call_merge(calls: dict[int, dict], piece: dict) -> None:
     """Assemble a streamed tool call: id and name arrive once, arguments in fragments."""
     call = calls.setdefault(
@@ -252,8 +267,8 @@ def _tool_call_merge(calls: dict[int, dict], piece: dict) -> None:
     )
     call["id"] = piece.get("id") or call["id"]
     fn = piece.get("function") or {}
-    call["function"]["name"] += fn.get("name") or ""
-    call["function"]["arguments"] += fn.get("arguments") or ""
+    call["function"]["name"] += _text(fn.get("name")) or ""
+    call["function"]["arguments"] += _text(fn.get("arguments")) or ""
 
 
 def _usage(reported: dict, messages: list[dict], completion_length: int) -> Usage:

@@ -338,7 +338,7 @@ async def _body_read(response: httpx.Response) -> str:
     except LookupError:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     # Not final when cut: a character split at the limit is dropped rather than shown as garbage.
-    text = decoder.decode(bytes(data[:MAX_BODY_BYTES]), final=not truncated)
+    text = decoder.decode(bytes(data[:MAX_BODY_BYTES]), final=not truncated).replace("\x00", "")  # unstorable
     return text + TRUNCATED_MARK if truncated else text
 
 
