@@ -17,7 +17,7 @@ from approvals.events import approval_event_send
 from approvals.models import Approval
 from approvals.webhooks import approval_webhook_send
 from billing.models import Hold
-from billing.services.ledger import hold_create, hold_settle
+from billing.services.ledger import hold_create, hold_release
 from chat.errors import Conflict, Gone, InvalidRequest, PermissionDenied
 from chat.models import ApiToken, Execution, Group, Step, Tool, ToolExecution
 from chat.services.executions import execution_settle
@@ -90,7 +90,7 @@ def approval_expire(*, approval: Approval) -> bool:
         if not expired:
             return False
         if approval.hold_id:
-            hold_settle(hold=Hold.objects.get(pk=approval.hold_id), cost=0)
+            hold_release(hold=Hold.objects.get(pk=approval.hold_id))
         Execution.objects.filter(pk=approval.execution_id, status=Execution.Status.PAUSED).update(
             status=Execution.Status.EXPIRED, finished_at=timezone.now()
         )
@@ -250,7 +250,7 @@ def approval_resume_claim(
             _announce(approval, events.DECIDED, waiting=0)
         _announce(approval, events.RESUMED)
         if locked.hold_id:
-            hold_settle(hold=Hold.objects.get(pk=locked.hold_id), cost=0)
+            hold_release(hold=Hold.objects.get(pk=locked.hold_id))
         execution = locked.execution
         amount = hold_amount_for(round_calls)
         hold = hold_create(execution=execution, amount=amount) if amount > 0 else None

@@ -2,6 +2,7 @@
 account — in one transaction. Nothing else writes CreditAccount."""
 
 import math
+from datetime import timedelta
 from decimal import Decimal
 
 from django.contrib.auth.models import AbstractBaseUser
@@ -128,3 +129,34 @@ def hold_reserve(*, execution: Execution, hold: Hold | None, amount: int) -> Hol
         hold.amount += amount
         _entry_write(account, kind=LedgerEntry.Kind.HOLD, amount=amount, held=amount, execution=execution)
         return hold
+
+
+def hold_release(*, hold: Hold) -> bool:
+    """Release a hold without charging; False when it was settled already. Runs inside the caller's
+    transaction, taking the account lock."""
+    updated = Hold.objects.filter(pk=hold.pk, status=Hold.Status.ACTIVE).update(
+        status=Hold.Status.SETTLED, settled_at=timezone.now()
+    )
+    if updated:
+        account = _account_lock(hold.team_id)
+        _entry_write(
+            account,
+            kind=LedgerEntry.Kind.RELEASE,
+            amount=hold.amount,
+            held=-hold.amount,
+            execution_id=hold.execution_id,
+        )
+    return bool(updated)
+
+
+def holds_release_stale(*, older_than_seconds: int) -> int:
+    """Release the holds of runs that died without settling (a worker killed mid-request, a failed final
+    write): active holds older than any request can last, whose execution is still marked running.
+    Paused runs keep theirs until their approval expires. Returns how many were released."""
+    cutoff = timezone.now() - timedelta(seconds=older_than_seconds)
+    stale = Hold.objects.filter(status=Hold.Status.ACTIVE, created_at__lt=cutoff, execution__status="running")
+    released = 0
+    for hold in stale.iterator():
+        with transaction.atomic(durable=True):
+            released += hold_release(hold=hold)
+    return released

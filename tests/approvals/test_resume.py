@@ -945,7 +945,7 @@ def test_expire_approvals_command_expires_due_approvals_and_releases_their_holds
 
     call_command("expire_approvals", stdout=out)
 
-    assert out.getvalue().strip() == "expired 1 approval(s)"
+    assert out.getvalue().strip() == "expired 1 approval(s); released 0 stale hold(s)"
     assert Approval.objects.get(pk=due["kitemesh"]["approval_id"]).status == Approval.Status.EXPIRED
     assert Approval.objects.get(pk=waiting["kitemesh"]["approval_id"]).status == Approval.Status.PENDING
     assert Execution.objects.get(pk=due["kitemesh"]["execution_id"]).status == Execution.Status.EXPIRED
@@ -955,7 +955,7 @@ def test_expire_approvals_command_expires_due_approvals_and_releases_their_holds
 
     again = io.StringIO()
     call_command("expire_approvals", stdout=again)
-    assert again.getvalue().strip() == "expired 0 approval(s)"
+    assert again.getvalue().strip() == "expired 0 approval(s); released 0 stale hold(s)"
     assert credits(http, setup)["held"] == TICKET_PRICE
     assert_error(approve_all(http, setup, due), 410, "approval_expired", "approval_expired")
     upstream.queue(Reply(content="ok"))

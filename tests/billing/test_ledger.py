@@ -2,11 +2,15 @@
 settlement, an append-only ledger that always matches the account, and a balance that never goes below
 zero."""
 
+import io
 import itertools
+from datetime import timedelta
 from decimal import Decimal
 
 import pytest
+from django.core.management import call_command
 from django.db import IntegrityError, transaction
+from django.utils import timezone
 
 from billing.models import CreditAccount, Hold, LedgerEntry
 from billing.services.ledger import credits_grant, credits_round, hold_create, hold_settle
@@ -306,3 +310,27 @@ def test_database_refuses_a_non_positive_hold(acme: Setup):
 
     with pytest.raises(IntegrityError), transaction.atomic():
         Hold.objects.create(team=acme.team, execution=execution_for(acme), amount=0)
+
+
+def test_the_sweep_releases_holds_of_runs_that_died_and_leaves_live_and_paused_ones(db, upstream):
+    setup = make_setup(upstream, credits=100)
+    runs = {}
+    for name, status in [("dead", "running"), ("live", "running"), ("paused", "paused")]:
+        execution = Execution.objects.create(
+            team=setup.team, group=setup.group, request_id=f"req_{name}", mode="normal", status=status
+        )
+        with transaction.atomic():
+            runs[name] = hold_create(execution=execution, amount=10)
+    Hold.objects.filter(pk__in=[runs["dead"].pk, runs["paused"].pk]).update(
+        created_at=timezone.now() - timedelta(hours=2)
+    )
+    out = io.StringIO()
+
+    call_command("expire_approvals", stdout=out)
+
+    assert out.getvalue().strip() == "expired 0 approval(s); released 1 stale hold(s)"
+    assert Hold.objects.get(pk=runs["dead"].pk).status == Hold.Status.SETTLED
+    assert {Hold.objects.get(pk=runs[n].pk).status for n in ("live", "paused")} == {Hold.Status.ACTIVE}
+    account = CreditAccount.objects.get(team=setup.team)
+    assert (account.balance, account.held) == (100, 20)
+    assert LedgerEntry.objects.filter(team=setup.team, kind="release", execution=runs["dead"].execution).count() == 1
