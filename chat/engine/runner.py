@@ -654,8 +654,9 @@ async def run_stream(run: Run) -> AsyncIterator[bytes]:
     chunk = {"completion_id": run.completion_id, "created": run.created, "model": run.request.model}
     opening = sse_event(chunk_body(**chunk, delta={"role": "assistant", "content": ""}))
     sent = False
+    events = run_events(run)
     try:
-        async for event in run_events(run):
+        async for event in events:
             if not sent:
                 sent = True
                 yield opening
@@ -692,6 +693,9 @@ async def run_stream(run: Run) -> AsyncIterator[bytes]:
         yield sse_event(error_body(error, run.request_id))
         yield SSE_DONE
     except (asyncio.CancelledError, GeneratorExit):
+        # Closed at a yield (not cancelled mid-await), the inner loop is suspended: stop its agents and
+        # calls now so their steps are recorded before the run settles.
+        await events.aclose()
         await run.finish(Execution.Status.CANCELLED)
         raise
 
