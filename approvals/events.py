@@ -17,6 +17,9 @@ DECIDED = "approval.decided"
 RESUMED = "approval.resumed"
 EXPIRED = "approval.expired"
 
+# Superusers see every team: one channel carrying all teams' events spares them a stream per team
+# (django-eventstream takes 10 channels per stream, and browsers open at most 6 streams per host).
+ALL_TEAMS_CHANNEL = "all-teams"
 _CHANNEL = re.compile(r"team-([0-9]+)")
 
 
@@ -29,15 +32,26 @@ def channel_team_id(channel: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def readable_channels(*, user: AbstractBaseUser) -> set[str]:
+    channels = {team_channel(team_id) for team_id in approver_team_ids(user=user)}
+    if channels and user.is_superuser:
+        channels.add(ALL_TEAMS_CHANNEL)
+    return channels
+
+
+def page_channels(*, user: AbstractBaseUser, team_ids: list[int]) -> list[str]:
+    """The channels a queue page listens to: its teams', or the one of all teams for a superuser."""
+    if user.is_superuser:
+        return [ALL_TEAMS_CHANNEL] if team_ids else []
+    return [team_channel(team_id) for team_id in sorted(team_ids)]
+
+
 class ApprovalChannelManager(DefaultChannelManager):
     """Channels are named in the `channel` query parameters; each must be `team-<id>` of a team the user
     approves for (django-eventstream calls this when a stream opens and again after an overflow)."""
 
     def can_read_channel(self, user: AbstractBaseUser | None, channel: str) -> bool:
-        team_id = channel_team_id(channel)
-        if user is None or team_id is None:
-            return False
-        return team_id in approver_team_ids(user=user)
+        return user is not None and channel in readable_channels(user=user)
 
     def is_channel_reliable(self, channel: str) -> bool:
         # No event storage: a page that (re)connects re-reads the queue instead of replaying events.
@@ -48,6 +62,7 @@ def approval_event_send(*, team_id: int, event_type: str, data: dict) -> None:
     """Send one event to the team's approvers' browsers. Called after commit: a failure (Redis down) is
     logged, never raised into the request that already committed its decision."""
     try:
-        send_event(team_channel(team_id), event_type, data)
+        for channel in (team_channel(team_id), ALL_TEAMS_CHANNEL):
+            send_event(channel, event_type, data)
     except Exception:
         logger.exception("approval event %s for team %s was not sent", event_type, team_id)

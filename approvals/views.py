@@ -14,7 +14,7 @@ from django.utils.http import urlencode
 from django.views.decorators.http import require_GET, require_POST
 from django_eventstream.views import events as eventstream_events
 
-from approvals.events import team_channel
+from approvals.events import page_channels, readable_channels
 from approvals.forms import ApprovalDecisionForm
 from approvals.selectors import (
     DECIDE_PERMISSION,
@@ -29,7 +29,7 @@ from approvals.services import approval_decide, approval_decide_all
 from chat.errors import ApiError, NotFound
 
 HISTORY_PAGE_SIZE = 50
-# django-eventstream accepts at most 10 channels per stream; a superuser of many teams gets several streams.
+# django-eventstream accepts at most 10 channels per stream: a member of many teams gets several streams.
 CHANNELS_PER_STREAM = 10
 
 
@@ -48,8 +48,8 @@ def _detail(request: HttpRequest, approval_id: uuid.UUID) -> ApprovalDetail:
         raise Http404("No such approval among your teams.") from None
 
 
-def _event_urls(team_ids: list[int]) -> list[str]:
-    channels = [team_channel(team_id) for team_id in sorted(team_ids)]
+def _event_urls(request: HttpRequest, team_ids: list[int]) -> list[str]:
+    channels = page_channels(user=request.user, team_ids=team_ids)
     chunks = [channels[i : i + CHANNELS_PER_STREAM] for i in range(0, len(channels), CHANNELS_PER_STREAM)]
     return [reverse("events") + "?" + urlencode([("channel", c) for c in chunk]) for chunk in chunks]
 
@@ -64,7 +64,7 @@ def approval_queue_view(request: HttpRequest) -> HttpResponse:
         "teams": teams,
         "show_team": len(teams) > 1,
         "is_approver": request.user.has_perm(DECIDE_PERMISSION),
-        "event_urls": _event_urls(team_ids),
+        "event_urls": _event_urls(request, team_ids),
     }
     return render(request, "approvals/queue.html", context)
 
@@ -132,7 +132,6 @@ def approval_events_view(request: HttpRequest) -> HttpResponseBase:
     channels = request.GET.getlist("channel")
     if not request.user.is_authenticated or not channels:
         return HttpResponseForbidden("Log in as an approver and name the team channels to follow.")
-    allowed = {team_channel(team_id) for team_id in approver_team_ids(user=request.user)}
-    if not set(channels) <= allowed:
+    if not set(channels) <= readable_channels(user=request.user):
         return HttpResponseForbidden("You may follow only the teams you approve for.")
     return eventstream_events(request)

@@ -56,7 +56,12 @@ def api_request_middleware(get_response: Callable) -> Callable:
         def middleware(request: HttpRequest) -> HttpResponse:
             if not request.path.startswith(API_PREFIXES):
                 return get_response(request)
-            request_id_bind(request, request_id_new())
-            return _tag(request, _too_large(request) or get_response(request))
+            # Served in a thread that serves others too (WSGI): the id must not outlive the request.
+            outer = request_id_var.set(None)
+            try:
+                request_id_bind(request, request_id_new())
+                return _tag(request, _too_large(request) or get_response(request))
+            finally:
+                request_id_var.reset(outer)
 
     return middleware

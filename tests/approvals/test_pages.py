@@ -22,7 +22,7 @@ from django.test import Client
 from django.utils import timezone
 
 from approvals import events
-from approvals.events import ApprovalChannelManager, team_channel
+from approvals.events import ALL_TEAMS_CHANNEL, ApprovalChannelManager, team_channel
 from approvals.models import Approval
 from approvals.services import approval_decide, approval_pause
 from billing.models import Hold
@@ -229,6 +229,7 @@ def test_a_superuser_sees_every_team(acme, globex, ticket):
 
     assert f"approval-{mine.id}" in page and f"approval-{theirs.id}" in page
     assert '<th scope="col">Team</th>' in page  # several teams: each row says whose it is
+    assert '["/events/?channel=all-teams"]' in page  # one stream, whatever the number of teams
     assert root.get(f"/approvals/{theirs.id}/").status_code == 200
 
 
@@ -241,6 +242,8 @@ def test_the_event_channel_is_readable_only_by_the_teams_approvers(acme, globex)
 
     assert manager.can_read_channel(ada, channel)
     assert manager.can_read_channel(root, team_channel(globex.team.id))
+    assert manager.can_read_channel(root, ALL_TEAMS_CHANNEL)
+    assert not manager.can_read_channel(ada, ALL_TEAMS_CHANNEL)
     assert not manager.can_read_channel(ada, team_channel(globex.team.id))
     assert not manager.can_read_channel(bob, channel)
     assert not manager.can_read_channel(None, channel)
@@ -255,6 +258,7 @@ def test_the_event_view_refuses_channels_of_other_teams_with_403(acme, globex):
     both = [team_channel(acme.team.id), team_channel(globex.team.id)]
     assert ada.get("/events/", {"channel": both}).status_code == 403
     assert ada.get("/events/").status_code == 403
+    assert ada.get("/events/", {"channel": ALL_TEAMS_CHANNEL}).status_code == 403
 
 
 # --- The queue ------------------------------------------------------------------------------------
@@ -519,10 +523,13 @@ def test_events_are_sent_after_commit_with_ids_and_labels_only(acme, ticket, sen
     with django_capture_on_commit_callbacks(execute=True):
         approval_decide(approval=approval, tool_execution=call, approve=True, reason="ok", actor=ada)
 
-    channel = team_channel(acme.team.id)
+    created = {"approval_id": str(approval.id), "group": "support", "waiting": 1}
+    decided = {**created, "waiting": 0}
     assert sent == [
-        (channel, "approval.created", {"approval_id": str(approval.id), "group": "support", "waiting": 1}),
-        (channel, "approval.decided", {"approval_id": str(approval.id), "group": "support", "waiting": 0}),
+        (team_channel(acme.team.id), "approval.created", created),
+        (ALL_TEAMS_CHANNEL, "approval.created", created),  # what superusers' pages listen to
+        (team_channel(acme.team.id), "approval.decided", decided),
+        (ALL_TEAMS_CHANNEL, "approval.decided", decided),
     ]
     assert SECRET_ARGUMENT not in json.dumps(sent) and "Printer" not in json.dumps(sent)
 

@@ -198,7 +198,7 @@ def test_an_expiry_is_sent_too(hooked: Setup, receiver: ToolServer):
 
     assert approval_expire(approval=Approval.objects.select_related("group").get(pk=approval.pk))
 
-    assert [r.json()["type"] for r in received(receiver, 2)] == ["approval.created", "approval.expired"]
+    assert sorted(r.json()["type"] for r in received(receiver, 2)) == ["approval.created", "approval.expired"]
 
 
 # --- Retries, refusals and logs -------------------------------------------------------------------
@@ -294,3 +294,33 @@ def test_events_of_a_decision_carry_who_decided(approval, receiver):
     [te] = request.json()["tool_executions"]
     assert (te["decision"], te["decided_by"], te["decided_via"]) == ("denied", "ada", "ui")
     assert "reason" not in te and json.loads(request.body)["type"] == "approval.decided"
+
+
+def test_api_decisions_at_resume_are_sent_as_a_decision_then_the_resume(
+    live, hooked: Setup, upstream: FakeUpstream, receiver: ToolServer
+):
+    paused = pause_through_the_api(live.url, hooked, upstream)
+    ids = [c["id"] for c in paused["choices"][0]["message"]["tool_calls"]]
+    received(receiver, 1)
+
+    resumed = httpx.post(
+        f"{live.url}/v1/chat/resume",
+        json={
+            "model": hooked.model,
+            "approval_id": paused["kitemesh"]["approval_id"],
+            "approved_tool_execution_ids": ids[:1],
+            "denied_tools": [{"tool_execution_id": ids[1], "reason": "no"}],
+            "messages": [],
+        },
+        headers=hooked.headers,
+        timeout=30,
+    )
+
+    assert resumed.status_code == 200, resumed.text
+    events = {r.json()["type"]: r.json() for r in received(receiver, 3)}  # delivered concurrently: any order
+    assert sorted(events) == ["approval.created", "approval.decided", "approval.resumed"]
+    decided = events["approval.decided"]["tool_executions"]
+    assert [(t["decision"], t["decided_via"], t["decided_by"]) for t in decided] == [
+        ("approved", "api", "token:test"),
+        ("denied", "api", "token:test"),
+    ]
