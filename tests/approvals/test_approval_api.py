@@ -16,6 +16,7 @@ from approvals.models import Approval
 from approvals.services import approval_decide
 from chat.models import ToolExecution
 from tests.conftest import Setup, make_setup
+from tests.support.helpers import credits
 from tests.support.tool_server import ToolResponse
 from tests.support.upstream import Reply
 
@@ -127,12 +128,6 @@ def assert_error(response: httpx.Response, status: int, type_: str, code: str) -
 
 def model_cost(prompt_tokens: int, completion_tokens: int) -> Decimal:
     return Decimal(prompt_tokens * INPUT_PER_1K + completion_tokens * OUTPUT_PER_1K) / 1000
-
-
-def credits(http: httpx.Client, setup: Setup) -> dict:
-    response = http.get("/v1/credits", headers=setup.headers)
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 # --- GET /v1/approvals/{id} --------------------------------------------------------------------------

@@ -708,7 +708,7 @@ def subscribers(url: str) -> int:
     return count
 
 
-def test_with_redis_an_event_from_one_worker_process_reaches_a_browser_on_another(
+def test_with_redis_an_event_from_one_worker_process_reaches_a_browser_on_another_which_resumes_it(
     transactional_db, upstream: FakeUpstream, tool_server: ToolServer
 ):
     redis_url = redis_or_skip()
@@ -733,6 +733,17 @@ def test_with_redis_an_event_from_one_worker_process_reaches_a_browser_on_anothe
 
             paused = pause_through_the_api(paused_on.url, setup, upstream)
             created = reader.next("approval.created", timeout=15)
+            calls = paused["choices"][0]["message"]["tool_calls"]
+            resumed = httpx.post(  # through the other worker, both running
+                f"{watched.url}/v1/chat/resume",
+                json={
+                    "model": setup.model,
+                    "approval_id": paused["kitemesh"]["approval_id"],
+                    "approved_tool_execution_ids": [c["id"] for c in calls],
+                },
+                headers=setup.headers,
+                timeout=30,
+            )
         finally:
             reader.close()
     finally:
@@ -740,3 +751,7 @@ def test_with_redis_an_event_from_one_worker_process_reaches_a_browser_on_anothe
             worker.close()
 
     assert created["approval_id"] == paused["kitemesh"]["approval_id"]
+    assert resumed.status_code == 200, resumed.text
+    assert resumed.json()["kitemesh"]["execution_id"] == paused["kitemesh"]["execution_id"]
+    assert resumed.json()["choices"][0]["message"]["content"] == "Done."
+    assert len(tool_server.requests) == 2  # both approved calls ran once, on the resuming worker

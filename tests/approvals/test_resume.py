@@ -21,6 +21,7 @@ from billing.models import CreditAccount, Hold, LedgerEntry
 from billing.services.ledger import credits_grant
 from chat.models import Execution, Group, ToolExecution
 from tests.conftest import Setup, make_setup
+from tests.support.helpers import credits, sse_chunks
 from tests.support.upstream import Reply
 
 INPUT_PER_1K = 10
@@ -122,22 +123,6 @@ def tool_messages(messages: list[dict]) -> list[dict]:
 
 def model_cost(prompt_tokens: int, completion_tokens: int) -> Decimal:
     return Decimal(prompt_tokens * INPUT_PER_1K + completion_tokens * OUTPUT_PER_1K) / 1000
-
-
-def credits(http: httpx.Client, setup: Setup) -> dict:
-    response = http.get("/v1/credits", headers=setup.headers)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def sse_chunks(response: httpx.Response) -> list[dict]:
-    lines = list(response.iter_lines())
-    for line in lines:
-        assert line == "" or line.startswith("data: "), f"unexpected SSE line {line!r}"
-    payloads = [line.removeprefix("data: ") for line in lines if line]
-    assert payloads[-1] == "[DONE]"
-    assert payloads.count("[DONE]") == 1
-    return [json.loads(p) for p in payloads[:-1]]
 
 
 def utc(value: str) -> datetime.datetime:

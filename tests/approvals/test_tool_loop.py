@@ -5,7 +5,6 @@ bounded, prices are charged, and the same with streamed tool calls."""
 
 import json
 import math
-import time
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
@@ -18,6 +17,7 @@ from chat.engine.runner import MAX_TOOL_ROUNDS
 from chat.models import Execution, Tool, ToolExecution
 from chat.services.tokens import token_create
 from tests.conftest import Setup
+from tests.support.helpers import credits, sse_chunks, wait_for
 from tests.support.tool_server import ToolResponse, ToolServer
 from tests.support.upstream import Reply
 
@@ -67,34 +67,6 @@ def tool_messages(messages: list[dict]) -> list[dict]:
 
 def model_cost(prompt_tokens: int, completion_tokens: int) -> Decimal:
     return Decimal(prompt_tokens * INPUT_PER_1K + completion_tokens * OUTPUT_PER_1K) / 1000
-
-
-def credits(http: httpx.Client, setup: Setup) -> dict:
-    response = http.get("/v1/credits", headers=setup.headers)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def wait_for(predicate, timeout: float, message: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s: {message}")
-        time.sleep(0.01)
-
-
-def sse_chunks(response: httpx.Response) -> list[dict]:
-    """The JSON chunks of an SSE answer, after checking its framing and the final [DONE]."""
-    lines = list(response.iter_lines())
-    for line in lines:
-        assert line == "" or line.startswith("data: "), f"unexpected SSE line {line!r}"
-    payloads = [line.removeprefix("data: ") for line in lines if line]
-    assert payloads[-1] == "[DONE]"
-    assert payloads.count("[DONE]") == 1
-    return [json.loads(p) for p in payloads[:-1]]
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ against KiteMesh as two separate uvicorn processes on one PostgreSQL database (t
 the database, as deployed workers do), or the in-thread live server on either database. The upstream is
 the loopback fake; nothing of KiteMesh is mocked."""
 
-import json
 import threading
 import time
 from collections import Counter
@@ -17,6 +16,7 @@ from django.db import connection
 from billing.models import CreditAccount, Hold, LedgerEntry
 from chat.models import Execution
 from tests.conftest import Setup, make_setup
+from tests.support.helpers import sse_chunks
 from tests.support.server_process import ServerProcess
 from tests.support.upstream import FakeUpstream, Reply
 
@@ -71,12 +71,6 @@ def assert_error(response: httpx.Response, status: int, type_: str, code: str) -
     error = response.json()["error"]
     assert (error["type"], error["code"]) == (type_, code), error
     return error
-
-
-def sse_chunks(response: httpx.Response) -> list[dict]:
-    payloads = [line.removeprefix("data: ") for line in response.text.splitlines() if line]
-    assert payloads[-1] == "[DONE]", response.text
-    return [json.loads(p) for p in payloads[:-1]]
 
 
 def account_of(setup: Setup) -> tuple[int, int]:

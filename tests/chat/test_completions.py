@@ -16,6 +16,7 @@ from django.conf import settings
 from billing.models import CreditAccount, Hold, LedgerEntry
 from chat.models import Execution, Step
 from tests.conftest import UPSTREAM_API_KEY, Setup, make_setup
+from tests.support.helpers import credits
 from tests.support.upstream import Reply
 
 INPUT_PER_1K = 10
@@ -34,12 +35,6 @@ def chat(http: httpx.Client, setup: Setup, **body) -> httpx.Response:
 
 def expected_credits(prompt_tokens: int, completion_tokens: int) -> int:
     return math.ceil((prompt_tokens * INPUT_PER_1K + completion_tokens * OUTPUT_PER_1K) / 1000)
-
-
-def credits(http: httpx.Client, setup: Setup) -> dict:
-    response = http.get("/v1/credits", headers=setup.headers)
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def ledger_kinds(execution_id) -> list[str]:

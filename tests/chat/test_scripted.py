@@ -20,6 +20,7 @@ from billing.services.ledger import credits_grant
 from chat.models import CustomModel, Execution, Group, Team, Tool, ToolExecution
 from chat.services.tokens import token_create
 from tests.conftest import Setup
+from tests.support.helpers import sse_chunks
 from tests.support.tool_server import ToolResponse, ToolServer
 
 SYSTEM = "You are the scripted brain."
@@ -67,14 +68,6 @@ def tokens(characters: int) -> int:
 
 def credits_for(prompt_tokens: int, completion_tokens: int) -> int:
     return math.ceil((prompt_tokens * INPUT_PER_1K + completion_tokens * OUTPUT_PER_1K) / 1000)
-
-
-def sse_chunks(response: httpx.Response) -> list[dict]:
-    lines = [line for line in response.iter_lines() if line]
-    assert all(line.startswith("data: ") for line in lines), lines
-    payloads = [line.removeprefix("data: ") for line in lines]
-    assert payloads[-1] == "[DONE]"
-    return [json.loads(p) for p in payloads[:-1]]
 
 
 def tool_results(content: str) -> list:

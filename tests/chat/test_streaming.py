@@ -15,6 +15,7 @@ import pytest
 from billing.models import Hold, LedgerEntry
 from chat.models import Execution, Step
 from tests.conftest import UPSTREAM_API_KEY, Setup, make_setup
+from tests.support.helpers import credits, wait_for
 from tests.support.upstream import Reply
 
 SYSTEM = "You are the acme brain."
@@ -52,23 +53,6 @@ def text_of(chunks: list[dict]) -> list[str]:
     return [
         c["choices"][0]["delta"]["content"] for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")
     ]
-
-
-def credits(http: httpx.Client, setup: Setup) -> dict:
-    response = http.get("/v1/credits", headers=setup.headers)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def wait_for(predicate, timeout: float, message: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s: {message}")
-        time.sleep(0.05)
 
 
 # --- The event format ---------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from chat.models import CustomModel, Execution, Group, GroupAgent, Step, Team, T
 from chat.services.tokens import token_create
 from chat.services.vault import secret_set
 from tests.conftest import Setup, make_setup
+from tests.support.helpers import sse_chunks, wait_for
 from tests.support.tool_server import ToolResponse
 from tests.support.upstream import FakeUpstream, Received, Reply
 
@@ -117,31 +118,9 @@ def cost(price: tuple, usage: dict) -> Decimal:
     return (usage["prompt_tokens"] * Decimal(price[0]) + usage["completion_tokens"] * Decimal(price[1])) / 1000
 
 
-def wait_for(predicate, timeout: float, message: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s: {message}")
-        time.sleep(0.01)
-
-
 def finished(record: Received) -> float:
     """When the upstream finished answering (it records that just after the last byte)."""
     return wait_for(lambda: record.finished, 5, "the upstream to record the end of its answer")
-
-
-def sse_chunks(response: httpx.Response) -> list[dict]:
-    """The JSON chunks of an SSE answer, after checking its framing and the single final [DONE]."""
-    lines = list(response.iter_lines())
-    for line in lines:
-        assert line == "" or line.startswith("data: "), f"unexpected SSE line {line!r}"
-    payloads = [line.removeprefix("data: ") for line in lines if line]
-    assert payloads[-1] == "[DONE]"
-    assert payloads.count("[DONE]") == 1
-    return [json.loads(p) for p in payloads[:-1]]
 
 
 def stream_chat(http: httpx.Client, setup: Setup, **body) -> list[tuple[float, dict]]:
