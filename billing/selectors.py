@@ -79,34 +79,30 @@ def ledger_charges_by_day(*, teams: QuerySet[Team], since: datetime, until: date
     return [DailyCredits(day=day, credits=-(totals.get(day) or 0)) for day in days]
 
 
-def usage_by_group(*, teams: QuerySet[Team], since: datetime, until: datetime) -> list[dict]:
-    """Per group: executions started in [since, until), their tokens and credits (Execution totals)."""
+def _execution_usage(teams: QuerySet[Team], since: datetime, until: datetime, *by: str) -> list[dict]:
+    """Executions started in [since, until) grouped by `by` (team name first, then an id and a name):
+    how many, their tokens and credits (Execution totals)."""
     return list(
         Execution.objects.filter(team__in=teams, created_at__gte=since, created_at__lt=until)
-        .values("team__name", "group_id", "group__name")
+        .values("team__name", *by)
         .annotate(
             executions=Count("id"),
             prompt_tokens=Sum("prompt_tokens"),
             completion_tokens=Sum("completion_tokens"),
             credits=Sum("credits_charged"),
         )
-        .order_by("-credits", "team__name", "group__name")
+        .order_by("-credits", "team__name", by[-1])
     )
+
+
+def usage_by_group(*, teams: QuerySet[Team], since: datetime, until: datetime) -> list[dict]:
+    """Per group: executions started in [since, until), their tokens and credits."""
+    return _execution_usage(teams, since, until, "group_id", "group__name")
 
 
 def usage_by_token(*, teams: QuerySet[Team], since: datetime, until: datetime) -> list[dict]:
     """Per API token: executions started in [since, until), their tokens and credits."""
-    return list(
-        Execution.objects.filter(team__in=teams, created_at__gte=since, created_at__lt=until)
-        .values("team__name", "token_id", "token__name")
-        .annotate(
-            executions=Count("id"),
-            prompt_tokens=Sum("prompt_tokens"),
-            completion_tokens=Sum("completion_tokens"),
-            credits=Sum("credits_charged"),
-        )
-        .order_by("-credits", "team__name", "token__name")
-    )
+    return _execution_usage(teams, since, until, "token_id", "token__name")
 
 
 def usage_by_model(*, teams: QuerySet[Team], since: datetime, until: datetime) -> list[dict]:
