@@ -220,6 +220,10 @@ def client_request_id(body: dict) -> str | None:
     return request_id if isinstance(request_id, str) and REQUEST_ID.fullmatch(request_id) else None
 
 
+def _fingerprint(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def chat_request_parse(body: dict, *, resume: bool = False) -> ChatRequest:
     """Validate a completions body; every violation is a 400 naming its field. A resume's messages
     are optional (they are appended after the tool results)."""
@@ -249,7 +253,8 @@ def chat_request_parse(body: dict, *, resume: bool = False) -> ChatRequest:
         metadata=metadata,
         include_usage=include_usage,
         passthrough=_passthrough_check(body),
-        body_hash=hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest(),
+        # Only an idempotency key needs the body's fingerprint: skip the extra JSON pass otherwise.
+        body_hash=_fingerprint(body) if request_id is not None else "",
     )
 
 
