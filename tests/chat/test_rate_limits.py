@@ -22,6 +22,14 @@ def _chat(http: httpx.Client, setup: Setup, raw_token: str | None = None, **body
     return http.post("/v1/chat/completions", json=payload, headers=headers)
 
 
+def _inside_one_window() -> None:
+    """Requests-per-minute count in fixed one-minute windows: start a test's burst well inside one, so
+    its requests are not split across two windows."""
+    into = time.time() % 60
+    if into > 45:
+        time.sleep(60 - into + 0.1)
+
+
 def _assert_429(response: httpx.Response) -> None:
     assert response.status_code == 429, response.text
     error = response.json()["error"]
@@ -33,6 +41,7 @@ def _assert_429(response: httpx.Response) -> None:
 def test_a_token_over_its_requests_per_minute_gets_429_with_retry_after(live, http, setup, upstream):
     setup.token.requests_per_minute = 2
     setup.token.save(update_fields=["requests_per_minute"])
+    _inside_one_window()
 
     statuses = [_chat(http, setup).status_code for _ in range(2)]
     refused = _chat(http, setup)
@@ -46,6 +55,7 @@ def test_a_team_limit_counts_every_token_of_the_team(live, http, setup, upstream
     setup.team.requests_per_minute = 3
     setup.team.save(update_fields=["requests_per_minute"])
     _, other_raw = token_create(team=setup.team, name="second")
+    _inside_one_window()
 
     answers = [
         _chat(http, setup).status_code,
@@ -115,6 +125,7 @@ def test_limits_hold_across_two_server_processes_through_redis(transactional_db,
     env = {"REDIS_URL": REDIS_TEST_URL}
 
     with ServerProcess(env=env) as first, ServerProcess(env=env) as second:
+        _inside_one_window()
         statuses = []
         for server in (first, second, first, second):
             with httpx.Client(base_url=server.url, timeout=30) as http:
