@@ -39,7 +39,6 @@ def _announce(approval: Approval, event_type: str, *, waiting: int | None = None
 @dataclass
 class Paused:
     approval: Approval
-    charged: int
 
 
 def approval_pause(
@@ -77,7 +76,7 @@ def approval_pause(
         execution.response = execution.response or response
         execution.save(update_fields=["status", "prompt_tokens", "completion_tokens", "credits_charged", "response"])
         _announce(approval, events.CREATED, waiting=sum(te.requires_approval for te in tool_executions))
-    return Paused(approval=approval, charged=charged)
+    return Paused(approval=approval)
 
 
 def approval_expire(*, approval: Approval) -> bool:
