@@ -1,8 +1,10 @@
 """Read queries for the API: groups a token may use, and what a model call needs."""
 
+import time
 import uuid
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import Exists, OuterRef, QuerySet
 
@@ -63,7 +65,33 @@ class GroupForRun:
     fallbacks: list[CustomModel]
 
 
+# What a token may run of a group, per process: (expires at, parts) by (token id, group id). Reading it
+# costs several queries that compile slowly, for configuration that rarely changes. Changes made in this
+# process clear it at once (chat.apps connects config_cache_clear); other processes see them within
+# KITEMESH_CONFIG_CACHE_SECONDS. The token itself is read on every request, so revocation is immediate.
+_run_config: dict[tuple[int, uuid.UUID], tuple[float, GroupForRun]] = {}
+_RUN_CONFIG_MAX_ENTRIES = 10_000
+
+
+def config_cache_clear(**_signal_kwargs) -> None:
+    _run_config.clear()
+
+
 def group_for_run_get(*, token: ApiToken, group_id: uuid.UUID) -> GroupForRun:
+    """group_for_run_load, from the per-process cache when it is fresh. The parts are shared by the
+    requests running them: read them, never change them."""
+    key, now = (token.pk, group_id), time.monotonic()
+    cached = _run_config.get(key)
+    if cached is not None and cached[0] > now:
+        return cached[1]
+    parts = group_for_run_load(token=token, group_id=group_id)
+    if len(_run_config) >= _RUN_CONFIG_MAX_ENTRIES:
+        _run_config.clear()
+    _run_config[key] = (now + settings.KITEMESH_CONFIG_CACHE_SECONDS, parts)
+    return parts
+
+
+def group_for_run_load(*, token: ApiToken, group_id: uuid.UUID) -> GroupForRun:
     """group_for_token_get, plus agents, tools and brain fallbacks (no query for what a group has none of)."""
     group = group_for_token_get(token=token, group_id=group_id)
     agents = list(group.agents.select_related("model", "model__api_key_secret")) if group.has_agents else []

@@ -11,11 +11,34 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kitemesh_site.settings.base")
 django_application = ASGIStaticFilesHandler(get_asgi_application())
 
 from django.conf import settings  # noqa: E402  (after Django is set up)
+from django.core.handlers.asgi import ASGIHandler  # noqa: E402
+from django.core.handlers.exception import convert_exception_to_response  # noqa: E402
 
+from chat.engine.providers import upstream_session_close  # noqa: E402
 from chat.errors import RequestTooLarge  # noqa: E402
 from chat.services.vault import vault_key_check  # noqa: E402
 from chat.wire import error_body, request_id_new  # noqa: E402
 from kitemesh_site import metrics  # noqa: E402
+from kitemesh_site.middleware import API_PREFIXES, api_request_middleware  # noqa: E402
+
+
+class ApiHandler(ASGIHandler):
+    """Django for the API paths, without what only pages use. Its one middleware is natively async (each
+    MiddlewareMixin class of the pages would cost two thread hops a request), and it opens no
+    ThreadSensitiveContext: the sync work of API requests (DRF's authentication, the engine's
+    transactions, one hop each) runs on asgiref's one long-lived thread, whose database connection
+    persists across requests instead of being opened by a new thread for every request."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        await self.handle(scope, receive, send)
+
+    def load_middleware(self, is_async: bool = False) -> None:
+        self._view_middleware, self._template_response_middleware, self._exception_middleware = [], [], []
+        view = convert_exception_to_response(self._get_response_async)
+        self._middleware_chain = convert_exception_to_response(api_request_middleware(view))
+
+
+api_application = ApiHandler()
 
 
 async def _send_too_large(send) -> None:
@@ -62,7 +85,8 @@ async def _body_limited(scope, receive, send) -> None:
         started = started or message["type"] == "http.response.start"
         await send(message)
 
-    await django_application(scope, limited_receive, tracked_send)
+    app = api_application if scope["path"].startswith(API_PREFIXES) else django_application
+    await app(scope, limited_receive, tracked_send)
     if exceeded and not started:
         await _send_too_large(send)
 
@@ -78,6 +102,7 @@ async def _lifespan(scope, receive, send) -> None:
                 return
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
+            await upstream_session_close()
             metrics.process_exit()
             await send({"type": "lifespan.shutdown.complete"})
             return

@@ -11,6 +11,7 @@ from django.db import connection
 
 from billing.services.ledger import credits_grant
 from chat.models import ApiToken, CustomModel, Group, Team
+from chat.selectors import config_cache_clear
 from chat.services.tokens import token_create
 from chat.services.vault import secret_set
 from tests.support.browser import CHROMIUM_ARGS, chromium_or_skip
@@ -19,6 +20,13 @@ from tests.support.tool_server import ToolServer
 from tests.support.upstream import FakeUpstream
 
 UPSTREAM_API_KEY = "sk-upstream-secret-do-not-leak"
+
+
+@pytest.fixture(autouse=True)
+def _config_cache_empty() -> None:
+    """Each test starts with no cached group configuration: flushing the database between tests
+    sends no signal, and a later test may reuse a group id with other rows behind it."""
+    config_cache_clear()
 
 
 @pytest.fixture

@@ -7,12 +7,12 @@ from decimal import Decimal
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
-from django.db.models import F
 from django.utils import timezone
 
 from billing.models import CreditAccount, Hold, LedgerEntry
 from chat.errors import InsufficientCredits, InvalidRequest
 from chat.models import Execution, Team
+from kitemesh_site.sql import db_value, for_update, sql_count, sql_rows
 
 
 def credits_round(exact: Decimal) -> int:
@@ -22,21 +22,51 @@ def credits_round(exact: Decimal) -> int:
 
 def _account_lock(team_id: int) -> CreditAccount:
     """Lock the team's account row for the rest of the caller's transaction (the only lock billing takes)."""
-    try:
-        return CreditAccount.objects.select_for_update().get(team_id=team_id)
-    except CreditAccount.DoesNotExist:
+    rows = sql_rows(f"SELECT balance, held FROM billing_creditaccount WHERE team_id = %s{for_update()}", [team_id])
+    if not rows:
         CreditAccount.objects.get_or_create(team_id=team_id)  # a team made outside apply_config
-        return CreditAccount.objects.select_for_update().get(team_id=team_id)
+        return _account_lock(team_id)
+    balance, held = rows[0]
+    return CreditAccount(team_id=team_id, balance=balance, held=held)
+
+
+def _account_move(account: CreditAccount, *, balance: int = 0, held: int = 0) -> None:
+    """Apply `balance`/`held` deltas to a locked account (the caller records them in the ledger)."""
+    sql_count(
+        "UPDATE billing_creditaccount SET balance = balance + %s, held = held + %s WHERE team_id = %s",
+        [balance, held, account.team_id],
+    )
+    account.balance += balance
+    account.held += held
+
+
+def _entry_insert(entry: LedgerEntry) -> LedgerEntry:
+    entry.created_at = timezone.now()
+    (entry.id,) = sql_rows(
+        "INSERT INTO billing_ledgerentry"
+        " (team_id, kind, amount, balance_after, held_after, execution_id, reason, actor_id, created_at)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+        [
+            entry.team_id,
+            entry.kind,
+            entry.amount,
+            entry.balance_after,
+            entry.held_after,
+            db_value(LedgerEntry, "execution", entry.execution_id),
+            entry.reason,
+            entry.actor_id,
+            db_value(LedgerEntry, "created_at", entry.created_at),
+        ],
+    )[0]
+    return entry
 
 
 def _entry_write(
     account: CreditAccount, *, kind: str, amount: int, balance: int = 0, held: int = 0, **fields
 ) -> LedgerEntry:
     """Apply `balance`/`held` deltas to a locked account and record them. Assumes _account_lock."""
-    CreditAccount.objects.filter(pk=account.pk).update(balance=F("balance") + balance, held=F("held") + held)
-    account.balance += balance
-    account.held += held
-    return LedgerEntry.objects.create(
+    _account_move(account, balance=balance, held=held)
+    entry = LedgerEntry(
         team_id=account.team_id,
         kind=kind,
         amount=amount,
@@ -44,6 +74,7 @@ def _entry_write(
         held_after=account.held,
         **fields,
     )
+    return _entry_insert(entry)
 
 
 @transaction.atomic
@@ -70,7 +101,18 @@ def hold_create(*, execution: Execution, amount: int) -> Hold:
         raise InsufficientCredits(
             f"This request may cost up to {amount} credits; the team has {max(account.available, 0)} available."
         )
-    hold = Hold.objects.create(team_id=execution.team_id, execution=execution, amount=amount)
+    hold = Hold(team_id=execution.team_id, execution=execution, amount=amount, created_at=timezone.now())
+    (hold.id,) = sql_rows(
+        "INSERT INTO billing_hold (team_id, execution_id, amount, status, created_at)"
+        " VALUES (%s, %s, %s, %s, %s) RETURNING id",
+        [
+            hold.team_id,
+            db_value(Hold, "execution", execution.pk),
+            amount,
+            Hold.Status.ACTIVE,
+            db_value(Hold, "created_at", hold.created_at),
+        ],
+    )[0]
     _entry_write(account, kind=LedgerEntry.Kind.HOLD, amount=amount, held=amount, execution=execution)
     return hold
 
@@ -80,38 +122,27 @@ def hold_settle(*, hold: Hold, cost: Decimal) -> int:
     Runs inside the caller's transaction. The charge is capped at what other holds leave available, so
     the balance never goes below zero and never eats another request's reservation (the hold covered
     the worst case, so a cap only bites when an upstream ignored max_tokens)."""
-    updated = Hold.objects.filter(pk=hold.pk, status=Hold.Status.ACTIVE).update(
-        status=Hold.Status.SETTLED, settled_at=timezone.now()
-    )
-    if not updated:
+    if not _hold_close(hold):
         return 0  # settled already: a second settle must not charge twice
     account = _account_lock(hold.team_id)
     charge = max(min(credits_round(cost), account.available + hold.amount), 0)
-    CreditAccount.objects.filter(pk=account.pk).update(balance=F("balance") - charge, held=F("held") - hold.amount)
-    released_held = account.held - hold.amount
-    entries = [
-        LedgerEntry(
-            team_id=hold.team_id,
-            kind=LedgerEntry.Kind.RELEASE,
-            amount=hold.amount,
-            balance_after=account.balance,
-            held_after=released_held,
-            execution_id=hold.execution_id,
-        )
-    ]
+    _account_move(account, balance=-charge, held=-hold.amount)
+    common = {"team_id": hold.team_id, "held_after": account.held, "execution_id": hold.execution_id}
+    kinds = LedgerEntry.Kind
+    _entry_insert(LedgerEntry(kind=kinds.RELEASE, amount=hold.amount, balance_after=account.balance + charge, **common))
     if charge:
-        entries.append(
-            LedgerEntry(
-                team_id=hold.team_id,
-                kind=LedgerEntry.Kind.CHARGE,
-                amount=-charge,
-                balance_after=account.balance - charge,
-                held_after=released_held,
-                execution_id=hold.execution_id,
-            )
-        )
-    LedgerEntry.objects.bulk_create(entries)
+        _entry_insert(LedgerEntry(kind=kinds.CHARGE, amount=-charge, balance_after=account.balance, **common))
     return charge
+
+
+def _hold_close(hold: Hold) -> bool:
+    """active → settled, once: False when it was settled already."""
+    return bool(
+        sql_count(
+            "UPDATE billing_hold SET status = %s, settled_at = %s WHERE id = %s AND status = %s",
+            [Hold.Status.SETTLED, db_value(Hold, "settled_at", timezone.now()), hold.pk, Hold.Status.ACTIVE],
+        )
+    )
 
 
 def hold_reserve(*, execution: Execution, hold: Hold | None, amount: int) -> Hold:
@@ -125,7 +156,7 @@ def hold_reserve(*, execution: Execution, hold: Hold | None, amount: int) -> Hol
             raise InsufficientCredits(
                 f"The next step may cost up to {amount} credits; the team has {max(account.available, 0)} available."
             )
-        Hold.objects.filter(pk=hold.pk).update(amount=F("amount") + amount)
+        sql_count("UPDATE billing_hold SET amount = amount + %s WHERE id = %s", [amount, hold.pk])
         hold.amount += amount
         _entry_write(account, kind=LedgerEntry.Kind.HOLD, amount=amount, held=amount, execution=execution)
         return hold
@@ -134,9 +165,7 @@ def hold_reserve(*, execution: Execution, hold: Hold | None, amount: int) -> Hol
 def hold_release(*, hold: Hold) -> bool:
     """Release a hold without charging; False when it was settled already. Runs inside the caller's
     transaction, taking the account lock."""
-    updated = Hold.objects.filter(pk=hold.pk, status=Hold.Status.ACTIVE).update(
-        status=Hold.Status.SETTLED, settled_at=timezone.now()
-    )
+    updated = _hold_close(hold)
     if updated:
         account = _account_lock(hold.team_id)
         _entry_write(

@@ -115,6 +115,7 @@ class Run:
     steps: list[Step] = field(default_factory=list)
     completion_id: str = field(default_factory=lambda: "chatcmpl_" + secrets.token_hex(12))
     created: int = field(default_factory=lambda: int(time.time()))
+    settlement: asyncio.Future | None = field(default=None, repr=False)  # the one finish of this request
 
     @property
     def brain(self) -> CustomModel:
@@ -186,17 +187,21 @@ class Run:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     async def finish(self, status: str, *, response: dict | None = None, error: ApiError | None = None) -> int:
-        # Shielded: a client that disconnects must not cancel the settlement of what it used.
-        return await asyncio.shield(
-            sync_to_async(execution_finish)(
-                execution=self.execution,
-                hold=self.hold,
-                steps=self.steps,
-                status=status,
-                response=response,
-                error=error,
+        """Settle the request, once. Shielded: a client that disconnects must not cancel the settlement
+        of what it used; and when it disconnects while the settlement runs, the caller's cleanup awaits
+        that same settlement instead of starting another."""
+        if self.settlement is None:
+            self.settlement = asyncio.ensure_future(
+                sync_to_async(execution_finish)(
+                    execution=self.execution,
+                    hold=self.hold,
+                    steps=self.steps,
+                    status=status,
+                    response=response,
+                    error=error,
+                )
             )
-        )
+        return await asyncio.shield(self.settlement)
 
     async def brain_call(self) -> AsyncIterator[str | ModelReply]:
         """One brain call, reserved first and recorded as a step whatever happens: text deltas (when

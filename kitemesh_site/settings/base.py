@@ -78,8 +78,13 @@ DATABASES = {
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Several writers (API requests, commands) share one file: wait for the lock instead of failing.
-    DATABASES["default"]["OPTIONS"] = {"timeout": 20, "transaction_mode": "IMMEDIATE"}
-    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    # WAL lets pages read while the API writes; synchronous=NORMAL syncs at checkpoints rather than at
+    # every commit (a power cut may lose the last commits, never corrupt the file).
+    DATABASES["default"]["OPTIONS"] = {
+        "timeout": 20,
+        "transaction_mode": "IMMEDIATE",
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Auth and pages -------------------------------------------------------------------------------
@@ -161,6 +166,8 @@ KITEMESH_UPSTREAM_RETRY_BACKOFF = float(os.environ.get("KITEMESH_UPSTREAM_RETRY_
 KITEMESH_CIRCUIT_FAILURES = env_int("KITEMESH_CIRCUIT_FAILURES", 5)
 KITEMESH_CIRCUIT_COOLDOWN = float(os.environ.get("KITEMESH_CIRCUIT_COOLDOWN", "30"))
 # Output-token cap sent upstream (and reserved for) when the client gives no max_tokens.
+# How long a worker keeps a group's configuration before reading it again (see chat.selectors).
+KITEMESH_CONFIG_CACHE_SECONDS = float(os.environ.get("KITEMESH_CONFIG_CACHE_SECONDS", "5"))
 KITEMESH_DEFAULT_MAX_OUTPUT_TOKENS = env_int("KITEMESH_DEFAULT_MAX_OUTPUT_TOKENS", 1024)
 
 REDIS_URL = os.environ.get("REDIS_URL", "")

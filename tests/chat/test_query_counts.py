@@ -1,0 +1,70 @@
+"""How many SQL statements one API request runs, counted (not timed) on the live server: the hot
+path's budget (README, Benchmarks). A change that adds a statement to every request fails here."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import pytest
+from django.db.backends.signals import connection_created
+
+from tests.conftest import Setup
+from tests.support.helpers import sse_chunks
+
+# A warm request, whatever the database: the token (1); the execution and its hold, under the account's
+# lock (5: execution, account lock, hold, account, ledger entry); the settlement (7: steps, hold closed,
+# account lock, account, release and charge entries, execution's outcome). The group's configuration
+# comes from the per-process cache.
+WARM_REQUEST = 13
+GROUP_READ = 1  # the first request of a group (no agents, tools or fallbacks) reads it once
+
+
+@contextmanager
+def statements_logged() -> Iterator[list[str]]:
+    """Every statement run by connections opened inside the block, whatever their thread (the tests run
+    with CONN_MAX_AGE=0, so each request opens its own). Transaction control is left out: SQLite spells
+    BEGIN as a statement, PostgreSQL does not."""
+    log: list[str] = []
+    wrapped = []
+
+    def record(execute, sql, params, many, context):
+        if not sql.startswith(("BEGIN", "PRAGMA", "SAVEPOINT", "RELEASE SAVEPOINT")):
+            log.append(sql)
+        return execute(sql, params, many, context)
+
+    def wrap(sender, connection, **kwargs) -> None:
+        if record not in connection.execute_wrappers:
+            connection.execute_wrappers.append(record)
+            wrapped.append(connection)
+
+    connection_created.connect(wrap)
+    try:
+        yield log
+    finally:
+        connection_created.disconnect(wrap)
+        for connection in wrapped:
+            connection.execute_wrappers.remove(record)
+
+
+def _post(http: httpx.Client, setup: Setup, **body) -> httpx.Response:
+    payload = {"model": setup.model, "messages": [{"role": "user", "content": "Hi"}], **body}
+    response = http.post("/v1/chat/completions", json=payload, headers=setup.headers)
+    assert response.status_code == 200, response.text
+    return response
+
+
+def _summary(statements: list[str]) -> str:
+    return "\n".join(s[:90] for s in statements)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_a_request_runs_a_fixed_number_of_statements(http, setup: Setup, upstream, stream: bool):
+    with statements_logged() as cold:
+        _post(http, setup, stream=stream)
+    with statements_logged() as warm:
+        response = _post(http, setup, stream=stream)
+    if stream:
+        assert sse_chunks(response)[-1]["kitemesh"]["credits_charged"] > 0
+    assert len(warm) == WARM_REQUEST, _summary(warm)
+    assert len(cold) == WARM_REQUEST + GROUP_READ, _summary(cold)
+    assert sum(s.startswith("SELECT") for s in warm) == 3, _summary(warm)  # token, and the account twice
