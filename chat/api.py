@@ -34,7 +34,13 @@ from chat.openapi import (
     execution_detail_schema,
     model_list_schema,
 )
-from chat.selectors import execution_for_team_get, group_for_run_get, group_list_for_token
+from chat.selectors import (
+    GroupForRun,
+    execution_for_team_get,
+    group_for_run_cached,
+    group_for_run_get,
+    group_list_for_token,
+)
 from chat.services.rate_limits import request_admit, stream_admit, stream_release
 from chat.wire import (
     ChatRequest,
@@ -91,6 +97,12 @@ async def _answer(run: Run | Replay, chat_request: ChatRequest, slots: list[str]
     return Response(await run_complete(run))
 
 
+async def _group_for_run(token: ApiToken, group_id: uuid.UUID) -> GroupForRun:
+    """From the per-process cache without leaving the event loop, else from the database."""
+    parts = group_for_run_cached(token=token, group_id=group_id)
+    return parts or await sync_to_async(group_for_run_get)(token=token, group_id=group_id)
+
+
 class _Admitted:
     """Rate limits for one request: counts it, takes stream slots, and gives them back if the request
     ends before its stream starts (the stream releases them itself once it runs)."""
@@ -119,7 +131,7 @@ class ChatCompletionCreateApi(APIView):
 
     @staticmethod
     async def _answer(request: Request, token: ApiToken, chat_request: ChatRequest, slots: list[str]):
-        parts = await sync_to_async(group_for_run_get)(token=token, group_id=chat_request.group_id)
+        parts = await _group_for_run(token, chat_request.group_id)
         run = await run_start(
             token=token,
             group=parts.group,
@@ -145,7 +157,7 @@ class ChatResumeApi(APIView):
         approval = await sync_to_async(approval_for_team_get)(team_id=token.team_id, approval_id=resume.approval_id)
         if approval.group_id != resume.chat.group_id:
             raise InvalidRequest(f"This approval belongs to 'group:{approval.group_id}'.", param="model")
-        parts = await sync_to_async(group_for_run_get)(token=token, group_id=approval.group_id)
+        parts = await _group_for_run(token, approval.group_id)
         claim = await sync_to_async(approval_resume_claim)(
             token=token,
             approval=approval,

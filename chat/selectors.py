@@ -73,21 +73,39 @@ _run_config: dict[tuple[int, uuid.UUID], tuple[float, GroupForRun]] = {}
 _RUN_CONFIG_MAX_ENTRIES = 10_000
 
 
+_teams: dict[int, tuple[float, Team]] = {}  # (expires at, team) by id, for the rate limits on every request
+
+
 def config_cache_clear(**_signal_kwargs) -> None:
     _run_config.clear()
+    _teams.clear()
+
+
+def team_get(*, team_id: int) -> Team:
+    """The team, through the per-process config cache (its name and rate limits are configuration)."""
+    cached = _teams.get(team_id)
+    if cached is not None and cached[0] > time.monotonic():
+        return cached[1]
+    team = Team.objects.get(pk=team_id)
+    _teams[team_id] = (time.monotonic() + settings.KITEMESH_CONFIG_CACHE_SECONDS, team)
+    return team
+
+
+def group_for_run_cached(*, token: ApiToken, group_id: uuid.UUID) -> GroupForRun | None:
+    """The cached parts when they are fresh (no database: callable from async code). The parts are
+    shared by the requests running them: read them, never change them."""
+    cached = _run_config.get((token.pk, group_id))
+    return cached[1] if cached is not None and cached[0] > time.monotonic() else None
 
 
 def group_for_run_get(*, token: ApiToken, group_id: uuid.UUID) -> GroupForRun:
-    """group_for_run_load, from the per-process cache when it is fresh. The parts are shared by the
-    requests running them: read them, never change them."""
-    key, now = (token.pk, group_id), time.monotonic()
-    cached = _run_config.get(key)
-    if cached is not None and cached[0] > now:
-        return cached[1]
+    """group_for_run_load, through the per-process cache."""
+    if (parts := group_for_run_cached(token=token, group_id=group_id)) is not None:
+        return parts
     parts = group_for_run_load(token=token, group_id=group_id)
     if len(_run_config) >= _RUN_CONFIG_MAX_ENTRIES:
         _run_config.clear()
-    _run_config[key] = (now + settings.KITEMESH_CONFIG_CACHE_SECONDS, parts)
+    _run_config[(token.pk, group_id)] = (time.monotonic() + settings.KITEMESH_CONFIG_CACHE_SECONDS, parts)
     return parts
 
 

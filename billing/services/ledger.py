@@ -12,7 +12,7 @@ from django.utils import timezone
 from billing.models import CreditAccount, Hold, LedgerEntry
 from chat.errors import InsufficientCredits, InvalidRequest
 from chat.models import Execution, Team
-from kitemesh_site.sql import db_value, for_update, sql_count, sql_rows
+from kitemesh_site.sql import db_value, for_update, sql_count, sql_insert, sql_rows
 
 
 def credits_round(exact: Decimal) -> int:
@@ -41,23 +41,7 @@ def _account_move(account: CreditAccount, *, balance: int = 0, held: int = 0) ->
 
 
 def _entry_insert(entry: LedgerEntry) -> LedgerEntry:
-    entry.created_at = timezone.now()
-    (entry.id,) = sql_rows(
-        "INSERT INTO billing_ledgerentry"
-        " (team_id, kind, amount, balance_after, held_after, execution_id, reason, actor_id, created_at)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
-        [
-            entry.team_id,
-            entry.kind,
-            entry.amount,
-            entry.balance_after,
-            entry.held_after,
-            db_value(LedgerEntry, "execution", entry.execution_id),
-            entry.reason,
-            entry.actor_id,
-            db_value(LedgerEntry, "created_at", entry.created_at),
-        ],
-    )[0]
+    sql_insert([entry])
     return entry
 
 
@@ -101,18 +85,8 @@ def hold_create(*, execution: Execution, amount: int) -> Hold:
         raise InsufficientCredits(
             f"This request may cost up to {amount} credits; the team has {max(account.available, 0)} available."
         )
-    hold = Hold(team_id=execution.team_id, execution=execution, amount=amount, created_at=timezone.now())
-    (hold.id,) = sql_rows(
-        "INSERT INTO billing_hold (team_id, execution_id, amount, status, created_at)"
-        " VALUES (%s, %s, %s, %s, %s) RETURNING id",
-        [
-            hold.team_id,
-            db_value(Hold, "execution", execution.pk),
-            amount,
-            Hold.Status.ACTIVE,
-            db_value(Hold, "created_at", hold.created_at),
-        ],
-    )[0]
+    hold = Hold(team_id=execution.team_id, execution=execution, amount=amount)
+    sql_insert([hold])
     _entry_write(account, kind=LedgerEntry.Kind.HOLD, amount=amount, held=amount, execution=execution)
     return hold
 

@@ -11,6 +11,7 @@ from billing.models import Hold
 from billing.services.ledger import hold_create, hold_settle
 from chat.errors import ApiError, Conflict
 from chat.models import ApiToken, Execution, Group, Step, ToolExecution
+from kitemesh_site.sql import sql_insert, sql_update
 
 
 @dataclass
@@ -59,7 +60,7 @@ def execution_start(
             return ExecutionStart(execution=earlier, hold=None, replayed=True)
     try:
         with transaction.atomic(durable=True):
-            execution = Execution.objects.create(
+            execution = Execution(
                 team_id=group.team_id,
                 group=group,
                 token=token,
@@ -70,6 +71,7 @@ def execution_start(
                 stream=stream,
                 metadata=metadata,
             )
+            sql_insert([execution])
             hold = hold_create(execution=execution, amount=hold_amount) if hold_amount > 0 else None
     except IntegrityError:
         # A concurrent request with the same request_id won the insert: it is in flight.
@@ -85,7 +87,8 @@ def execution_settle(*, execution: Execution, hold: Hold | None, steps: list[Ste
     """Write one request's steps, settle its hold into one charge and add its usage to the execution's
     totals (a run that pauses and resumes is several requests). Runs inside the caller's transaction;
     returns the credits charged for this request."""
-    Step.objects.bulk_create(steps)
+    if steps:
+        sql_insert(steps)
     cost = sum((s.cost for s in steps), Decimal(0))
     charged = hold_settle(hold=hold, cost=cost) if hold is not None else 0
     execution.prompt_tokens += sum(s.prompt_tokens for s in steps)
@@ -115,17 +118,8 @@ def execution_finish(
         execution.response = execution.response or response
     if error is not None and execution.response is None:
         execution.error = {"status": error.status, "type": error.type, "code": error.code, "message": error.message}
-    execution.save(
-        update_fields=[
-            "status",
-            "prompt_tokens",
-            "completion_tokens",
-            "credits_charged",
-            "finished_at",
-            "response",
-            "error",
-        ]
-    )
+    outcome = ["status", "prompt_tokens", "completion_tokens", "credits_charged", "finished_at", "response", "error"]
+    sql_update(execution, outcome)
     return charged
 
 

@@ -14,9 +14,9 @@ from tests.support.helpers import sse_chunks
 # A warm request, whatever the database: the token (1); the execution and its hold, under the account's
 # lock (5: execution, account lock, hold, account, ledger entry); the settlement (7: steps, hold closed,
 # account lock, account, release and charge entries, execution's outcome). The group's configuration
-# comes from the per-process cache.
+# and the team come from the per-process cache.
 WARM_REQUEST = 13
-GROUP_READ = 1  # the first request of a group (no agents, tools or fallbacks) reads it once
+COLD_READS = 2  # the first request reads its team and its group (no agents, tools or fallbacks) into the cache
 
 
 @contextmanager
@@ -66,5 +66,5 @@ def test_a_request_runs_a_fixed_number_of_statements(http, setup: Setup, upstrea
     if stream:
         assert sse_chunks(response)[-1]["kitemesh"]["credits_charged"] > 0
     assert len(warm) == WARM_REQUEST, _summary(warm)
-    assert len(cold) == WARM_REQUEST + GROUP_READ, _summary(cold)
+    assert len(cold) == WARM_REQUEST + COLD_READS, _summary(cold)
     assert sum(s.startswith("SELECT") for s in warm) == 3, _summary(warm)  # token, and the account twice
