@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint demo-token clean
+.PHONY: run test lint demo-token clean bench
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "KiteMesh needs Python 3.11 or newer")'
@@ -40,3 +40,17 @@ lint: $(VENV)/.installed-dev
 
 clean:
 	rm -rf $(VENV) var *.egg-info
+
+# `make bench`: every scenario of bench/run.py against the direct fake upstream, KiteMesh and LiteLLM proxy;
+# writes bench/results.md and bench/results.json (about 7 minutes). BENCH_ARGS=--quick for a smoke run.
+LITELLM_VENV := bench/.litellm-venv
+
+bench: $(VENV)/.installed
+	@command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk) || \
+		echo "wrk could not be installed: bench/load.py drives the non-stream scenarios instead"
+	@test -x $(LITELLM_VENV)/bin/litellm || { \
+		test -x $(LITELLM_VENV)/bin/python || $(PYTHON) -m venv $(LITELLM_VENV); \
+		$(LITELLM_VENV)/bin/pip install 'litellm[proxy]'; }
+	@# uvicorn picks httptools when importable: LiteLLM gets the same HTTP parser as KiteMesh.
+	@$(LITELLM_VENV)/bin/python -c 'import httptools' 2>/dev/null || $(LITELLM_VENV)/bin/pip install --quiet httptools
+	$(PY) bench/run.py $(BENCH_ARGS)

@@ -30,6 +30,28 @@ def _account_lock(team_id: int) -> CreditAccount:
     return CreditAccount(team_id=team_id, balance=balance, held=held)
 
 
+def _account_reserve(team_id: int, amount: int, refusal: str) -> CreditAccount:
+    """Move `amount` into `held` when the team has it available, in one statement that also locks the
+    row for the rest of the caller's transaction; the account after it. InsufficientCredits otherwise,
+    with `refusal` formatted with the amount and what is available."""
+    rows = sql_rows(
+        "UPDATE billing_creditaccount SET held = held + %s WHERE team_id = %s AND balance - held >= %s"
+        " RETURNING balance, held",
+        [amount, team_id, amount],
+    )
+    if not rows:
+        available = max(_account_lock(team_id).available, 0)  # (creating a missing account)
+        raise InsufficientCredits(refusal.format(amount=amount, available=available))
+    balance, held = rows[0]
+    return CreditAccount(team_id=team_id, balance=balance, held=held)
+
+
+def _hold_entry(account: CreditAccount, execution: Execution, amount: int) -> None:
+    entry = LedgerEntry(kind=LedgerEntry.Kind.HOLD, amount=amount, execution=execution)
+    entry.team_id, entry.balance_after, entry.held_after = account.team_id, account.balance, account.held
+    _entry_insert(entry)
+
+
 def _account_move(account: CreditAccount, *, balance: int = 0, held: int = 0) -> None:
     """Apply `balance`/`held` deltas to a locked account (the caller records them in the ledger)."""
     sql_count(
@@ -80,14 +102,11 @@ def credits_grant(
 def hold_create(*, execution: Execution, amount: int) -> Hold:
     """Reserve `amount` for the execution, or raise InsufficientCredits. Runs inside the caller's
     transaction (the one that creates the execution), taking the account lock."""
-    account = _account_lock(execution.team_id)
-    if account.available < amount:
-        raise InsufficientCredits(
-            f"This request may cost up to {amount} credits; the team has {max(account.available, 0)} available."
-        )
+    refusal = "This request may cost up to {amount} credits; the team has {available} available."
+    account = _account_reserve(execution.team_id, amount, refusal)
     hold = Hold(team_id=execution.team_id, execution=execution, amount=amount)
     sql_insert([hold])
-    _entry_write(account, kind=LedgerEntry.Kind.HOLD, amount=amount, held=amount, execution=execution)
+    _hold_entry(account, execution, amount)
     return hold
 
 
@@ -103,9 +122,10 @@ def hold_settle(*, hold: Hold, cost: Decimal) -> int:
     _account_move(account, balance=-charge, held=-hold.amount)
     common = {"team_id": hold.team_id, "held_after": account.held, "execution_id": hold.execution_id}
     kinds = LedgerEntry.Kind
-    _entry_insert(LedgerEntry(kind=kinds.RELEASE, amount=hold.amount, balance_after=account.balance + charge, **common))
+    entries = [LedgerEntry(kind=kinds.RELEASE, amount=hold.amount, balance_after=account.balance + charge, **common)]
     if charge:
-        _entry_insert(LedgerEntry(kind=kinds.CHARGE, amount=-charge, balance_after=account.balance, **common))
+        entries.append(LedgerEntry(kind=kinds.CHARGE, amount=-charge, balance_after=account.balance, **common))
+    sql_insert(entries)  # one statement for both
     return charge
 
 
@@ -125,14 +145,11 @@ def hold_reserve(*, execution: Execution, hold: Hold | None, amount: int) -> Hol
     with transaction.atomic(durable=True):
         if hold is None:
             return hold_create(execution=execution, amount=amount)
-        account = _account_lock(execution.team_id)
-        if account.available < amount:
-            raise InsufficientCredits(
-                f"The next step may cost up to {amount} credits; the team has {max(account.available, 0)} available."
-            )
+        refusal = "The next step may cost up to {amount} credits; the team has {available} available."
+        account = _account_reserve(execution.team_id, amount, refusal)
         sql_count("UPDATE billing_hold SET amount = amount + %s WHERE id = %s", [amount, hold.pk])
         hold.amount += amount
-        _entry_write(account, kind=LedgerEntry.Kind.HOLD, amount=amount, held=amount, execution=execution)
+        _hold_entry(account, execution, amount)
         return hold
 
 

@@ -11,11 +11,11 @@ from django.db.backends.signals import connection_created
 from tests.conftest import Setup
 from tests.support.helpers import sse_chunks
 
-# A warm request, whatever the database: the token (1); the execution and its hold, under the account's
-# lock (5: execution, account lock, hold, account, ledger entry); the settlement (7: steps, hold closed,
-# account lock, account, release and charge entries, execution's outcome). The group's configuration
-# and the team come from the per-process cache.
-WARM_REQUEST = 13
+# A warm request, whatever the database: the token (1); the execution and its hold (4: execution, the
+# account reserved and locked in one statement, hold, ledger entry); the settlement (6: steps, hold
+# closed, account lock, account, release and charge entries in one statement, execution's outcome). The
+# team and the group's configuration come from the per-process cache.
+WARM_REQUEST = 11
 COLD_READS = 2  # the first request reads its team and its group (no agents, tools or fallbacks) into the cache
 
 
@@ -67,4 +67,4 @@ def test_a_request_runs_a_fixed_number_of_statements(http, setup: Setup, upstrea
         assert sse_chunks(response)[-1]["kitemesh"]["credits_charged"] > 0
     assert len(warm) == WARM_REQUEST, _summary(warm)
     assert len(cold) == WARM_REQUEST + COLD_READS, _summary(cold)
-    assert sum(s.startswith("SELECT") for s in warm) == 3, _summary(warm)  # token, and the account twice
+    assert sum(s.startswith("SELECT") for s in warm) == 2, _summary(warm)  # the token, and the account once

@@ -1,0 +1,463 @@
+"""`make bench`: measures KiteMesh's cost per request and its streaming capacity against the direct fake
+upstream and against LiteLLM proxy, on this machine, in one run; writes bench/results.md and results.json.
+
+Each server under test runs alone (one uvicorn worker, pinned to CPU 0), measured by drivers pinned with the
+fake upstream to CPU 1. Durations come from the environment (BENCH_DURATION, …, see Settings); `--quick` is a
+smoke run that writes bench/.run/results-quick.* instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import secrets
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from string import Template
+
+from drivers import DriverError, Endpoint, load_run, nonstream_run, wrk_available, wrk_version
+from machine import machine_describe
+from procs import Pinning, Sampler, Service, free_port
+from report import render_markdown
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+RUN_DIR = BENCH_DIR / ".run"
+PYTHON = sys.executable  # the project venv's python: `make bench` runs us with it
+LITELLM = BENCH_DIR / ".litellm-venv" / "bin" / "litellm"
+POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+POSTGRES_DB = "kitemesh_bench"
+GROUPS = {
+    "chat_group": "00000000-0000-4000-8000-00000000b001",
+    "slow_group": "00000000-0000-4000-8000-00000000b002",
+    "approval_group": "00000000-0000-4000-8000-00000000b003",
+}
+CONCURRENCIES = (1, 16, 64)
+TARGETS = ("direct", "kitemesh", "kitemesh_sqlite", "litellm")
+# Variables that would change what is measured if inherited from the caller's shell.
+INHERITED_NOISE = ("DATABASE_URL", "REDIS_URL", "PROMETHEUS_MULTIPROC_DIR", "DJANGO_SETTINGS_MODULE")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the run does; every number can be set from the environment."""
+
+    quick: bool
+    duration: float  # seconds per non-stream measurement and for the approval scenario
+    warmup: float
+    sse_tokens: int
+    sse_tokens_per_second: float
+    sse_streams: int
+    sse_concurrency: int
+    streams: int
+    stream_tokens: int
+    stream_tokens_per_second: float
+    approval_concurrency: int
+    upstream_latency_ms: float
+    kitemesh_db: str  # the main KiteMesh column's database: postgres, as deployed (sqlite when it is down)
+
+    @classmethod
+    def from_env(cls, quick: bool) -> Settings:
+        def num(name: str, default: float, quick_default: float) -> float:
+            return float(os.environ.get(name) or (quick_default if quick else default))
+
+        return cls(
+            quick=quick,
+            duration=num("BENCH_DURATION", 10, 2),
+            warmup=num("BENCH_WARMUP", 3, 1),
+            sse_tokens=int(num("BENCH_SSE_TOKENS", 200, 40)),
+            sse_tokens_per_second=num("BENCH_SSE_TOKENS_PER_SECOND", 50, 50),
+            sse_streams=int(num("BENCH_SSE_STREAMS", 32, 4)),
+            sse_concurrency=int(num("BENCH_SSE_CONCURRENCY", 8, 2)),
+            streams=int(num("BENCH_STREAMS", 1000, 100)),
+            stream_tokens=int(num("BENCH_STREAM_TOKENS", 60, 6)),
+            stream_tokens_per_second=num("BENCH_STREAM_TOKENS_PER_SECOND", 2, 2),
+            approval_concurrency=int(num("BENCH_APPROVAL_CONCURRENCY", 8, 4)),
+            upstream_latency_ms=num("BENCH_UPSTREAM_LATENCY_MS", 0, 0),
+            kitemesh_db="postgres",
+        )
+
+    @property
+    def slow_model(self) -> str:
+        """The upstream model name that carries the slow stream's pace (see bench/upstream.py)."""
+        return f"fake-{self.stream_tokens}tok-{self.stream_tokens_per_second:g}tps"
+
+    @property
+    def stream_timeout(self) -> float:
+        return 60 + 3 * self.stream_tokens / self.stream_tokens_per_second
+
+
+@dataclass
+class Target:
+    """One column of the table: where its three endpoints are, and the process whose cost we sample."""
+
+    key: str
+    chat: Endpoint
+    slow: Endpoint
+    approval: Endpoint | None
+    service: Service
+    results: dict = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    """The whole run's state: what every target measured, what failed, and what to stop at the end."""
+
+    settings: Settings
+    pin: Pinning
+    results: dict = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    services: list[Service] = field(default_factory=list)
+
+    def attempt(self, target: Target, key: str, measure: Callable[[], dict]) -> None:
+        """Run one measurement; a failure is recorded and reported, and the run goes on."""
+        print(f"  {target.key}: {key} …", flush=True)
+        try:
+            target.results[key] = measure()
+        except (DriverError, RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as exc:
+            target.results[key] = {"failed": str(exc)}
+            self.failures.append(f"{target.key} / {key}: {exc}")
+            print(f"    failed: {exc}", flush=True)
+
+
+# --- Environment and set-up -----------------------------------------------------------------------
+
+
+def raise_open_files_limit() -> None:
+    """Children inherit it: 1,000 streams mean 2,000 sockets in a gateway."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in INHERITED_NOISE}
+    return env | extra
+
+
+def render(template: str, **values: object) -> Path:
+    """Fill a config template from bench/ into bench/.run/."""
+    text = Template((BENCH_DIR / template).read_text()).substitute({k: str(v) for k, v in values.items()})
+    path = RUN_DIR / template
+    path.write_text(text)
+    return path
+
+
+def uvicorn_speedups() -> list[str]:
+    """uvloop and httptools when the project venv has them (it does with uvicorn[standard])."""
+    flags = []
+    if importlib.util.find_spec("uvloop"):
+        flags += ["--loop", "uvloop"]
+    if importlib.util.find_spec("httptools"):
+        flags += ["--http", "httptools"]
+    return flags
+
+
+def start_upstream(run: Run) -> Service:
+    settings = run.settings
+    service = Service("upstream", free_port(), RUN_DIR / "upstream.log")
+    command = [*run.pin.driver, PYTHON, str(BENCH_DIR / "upstream.py"), "--port", str(service.port)]
+    command += ["--latency-ms", str(settings.upstream_latency_ms), "--tokens", str(settings.sse_tokens)]
+    command += ["--tokens-per-second", str(settings.sse_tokens_per_second)]
+    run.services.append(service)
+    service.start(command, clean_env(), ROOT)
+    service.wait_ready("/health", timeout=30)
+    return service
+
+
+def postgres_reset() -> None:
+    """Drop and recreate the bench database, so every run starts from the same empty state."""
+    import psycopg
+
+    try:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {POSTGRES_DB} WITH (FORCE)")
+            conn.execute(f"CREATE DATABASE {POSTGRES_DB}")
+    except psycopg.Error as exc:
+        raise RuntimeError(f"cannot reset the {POSTGRES_DB} database: {exc}") from exc
+
+
+def postgres_available() -> bool:
+    try:
+        import psycopg
+
+        psycopg.connect(POSTGRES_ADMIN_URL, connect_timeout=3).close()
+    except Exception:
+        return False
+    return True
+
+
+POSTGRES_SOCKET = Path("/var/run/postgresql/.s.PGSQL.5432")
+
+
+def database_url(db: str) -> str:
+    if db == "postgres":
+        postgres_reset()
+        # The Unix socket when PostgreSQL is on this host, as a same-host deployment would connect:
+        # loopback TCP costs the worker about 2 ms of CPU a request in kernel time (README, Benchmarks).
+        if POSTGRES_SOCKET.exists():
+            return f"postgres://postgres@%2Fvar%2Frun%2Fpostgresql/{POSTGRES_DB}"
+        return f"postgres://postgres@127.0.0.1:5432/{POSTGRES_DB}"
+    path = ROOT / "var" / "bench.sqlite3"
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    return f"sqlite:///{path}"
+
+
+def kitemesh_env(db: str) -> dict[str, str]:
+    return clean_env(
+        DJANGO_SETTINGS_MODULE="kitemesh_site.settings.base",
+        DJANGO_DEBUG="0",
+        DJANGO_SECRET_KEY="bench",
+        KITEMESH_LOG_LEVEL="WARNING",
+        KITEMESH_LOG_FORMAT="text",
+        KITEMESH_TOOL_HOST_ALLOWLIST="127.0.0.1",
+        DATABASE_URL=database_url(db),
+    )
+
+
+def manage(env: dict[str, str], *args: str) -> str:
+    done = subprocess.run(
+        [PYTHON, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{done.stderr.strip()[-3000:]}")
+    return done.stdout
+
+
+def kitemesh_start(run: Run, upstream: Service, db: str, key: str) -> Target:
+    """A fresh database, the bench config, a token; then one uvicorn worker on the gateway CPU."""
+    env = kitemesh_env(db)
+    config = render("kitemesh.yaml", upstream_port=upstream.port, slow_model=run.settings.slow_model, **GROUPS)
+    manage(env, "migrate", "--noinput")
+    manage(env, "apply_config", str(config))
+    token = manage(env, "issue_token", "--team", "bench", "--name", f"bench-{int(time.time())}").splitlines()[-1]
+    service = Service(key, free_port(), RUN_DIR / f"{key}.log")
+    command = [*run.pin.gateway, PYTHON, "-m", "uvicorn", "kitemesh_site.asgi:application"]
+    command += ["--host", "127.0.0.1", "--port", str(service.port), "--workers", "1"]
+    command += ["--no-access-log", "--log-level", "warning", *uvicorn_speedups()]
+    run.services.append(service)
+    service.start(command, env, ROOT)
+    service.wait_ready("/healthz")
+    url = f"http://127.0.0.1:{service.port}/v1/chat/completions"
+    return Target(
+        key=key,
+        chat=Endpoint(url, token, f"group:{GROUPS['chat_group']}"),
+        slow=Endpoint(url, token, f"group:{GROUPS['slow_group']}"),
+        approval=Endpoint(url, token, f"group:{GROUPS['approval_group']}"),
+        service=service,
+    )
+
+
+def litellm_start(run: Run, upstream: Service) -> Target:
+    master_key = f"sk-bench-{secrets.token_hex(16)}"
+    config = render(
+        "litellm.yaml", upstream_port=upstream.port, slow_model=run.settings.slow_model, master_key=master_key
+    )
+    service = Service("litellm", free_port(), RUN_DIR / "litellm.log")
+    command = [*run.pin.gateway, str(LITELLM), "--config", str(config), "--host", "127.0.0.1"]
+    command += ["--port", str(service.port), "--num_workers", "1"]
+    # Quiet logs, no telemetry, and no fetch of the model price map from GitHub: loopback traffic only.
+    env = clean_env(
+        LITELLM_LOG="ERROR", LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_TELEMETRY="False", LITELLM_MODE="PRODUCTION"
+    )
+    run.services.append(service)
+    service.start(command, env, ROOT)
+    service.wait_ready("/health/liveliness")
+    url = f"http://127.0.0.1:{service.port}/v1/chat/completions"
+    return Target("litellm", Endpoint(url, master_key, "bench"), Endpoint(url, master_key, "bench-slow"), None, service)
+
+
+def direct_target(upstream: Service, settings: Settings) -> Target:
+    url = f"http://127.0.0.1:{upstream.port}/v1/chat/completions"
+    return Target("direct", Endpoint(url, "none", "fake"), Endpoint(url, "none", settings.slow_model), None, upstream)
+
+
+# --- Measurements ---------------------------------------------------------------------------------
+
+
+def verify(endpoint: Endpoint) -> dict:
+    """One request before measuring: the answer must be a real completion, else the numbers mean nothing."""
+    request = urllib.request.Request(
+        endpoint.url,
+        data=endpoint.body().encode(),
+        headers={"Authorization": f"Bearer {endpoint.token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        raise RuntimeError(f"POST {endpoint.url} → HTTP {exc.code}: {exc.read().decode(errors='replace')}") from None
+    if not body.get("choices", [{}])[0].get("message", {}).get("content"):
+        raise RuntimeError(f"POST {endpoint.url} → no content: {json.dumps(body)[:1000]}")
+    return {"usage": body.get("usage"), "kitemesh": body.get("kitemesh")}
+
+
+def measure_target(run: Run, target: Target, upstream: Service, scenarios: set[str]) -> None:
+    settings, pin = run.settings, run.pin
+    run.attempt(target, "verify", lambda: verify(target.chat))
+    if "failed" in target.results["verify"]:
+        return
+    # Warm-up: connections, pools and lazily built state exist before anything is timed.
+    run.attempt(target, "warmup", lambda: nonstream_run(target.chat, 16, settings.warmup, pin.driver))
+    for connections in CONCURRENCIES:
+        run.attempt(target, f"nonstream_c{connections}", lambda c=connections: nonstream_measure(run, target, c))
+    if "sse" in scenarios:
+        run.attempt(target, "sse", lambda: sse_measure(run, target))
+    if "streams" in scenarios:
+        run.attempt(target, "streams", lambda: streams_measure(run, target))
+    if "approvals" in scenarios and target.approval is not None:
+        run.attempt(target, "approvals", lambda: approvals_measure(run, target, upstream))
+
+
+def nonstream_measure(run: Run, target: Target, connections: int) -> dict:
+    """wrk's numbers plus the worker's CPU time per request: the gateway's cost, whatever the client sees."""
+    with Sampler(target.service.worker_pid()) as sampler:
+        result = nonstream_run(target.chat, connections, run.settings.duration, run.pin.driver)
+    worker = sampler.as_dict()
+    requests = result.get("requests")
+    cpu_per_request = 1000 * worker["cpu_s"] / requests if requests else None
+    return result | {"worker": worker, "cpu_ms_per_request": cpu_per_request}
+
+
+def sse_measure(run: Run, target: Target) -> dict:
+    s = run.settings
+    timeout = 120 + s.sse_streams * s.sse_tokens / s.sse_tokens_per_second
+    load_run("sse", target.chat, run.pin.driver, timeout, concurrency=2, count=2)  # warm-up
+    return load_run("sse", target.chat, run.pin.driver, timeout, concurrency=s.sse_concurrency, count=s.sse_streams)
+
+
+def streams_measure(run: Run, target: Target) -> dict:
+    s = run.settings
+    with Sampler(target.service.worker_pid()) as sampler:
+        result = load_run(
+            "streams", target.slow, run.pin.driver, s.stream_timeout + 60, count=s.streams, timeout=s.stream_timeout
+        )
+    return result | {"worker": sampler.as_dict()}
+
+
+def approvals_measure(run: Run, target: Target, upstream: Service) -> dict:
+    """Round trips per second, and how many times the tool really ran per round trip (1.0 expected)."""
+    s = run.settings
+    assert target.approval is not None
+    options = {"concurrency": s.approval_concurrency}
+    load_run("approvals", target.approval, run.pin.driver, 120, duration=s.warmup, **options)  # warm-up
+    before = upstream_stats(upstream)["tool_runs"]
+    result = load_run("approvals", target.approval, run.pin.driver, s.duration + 120, duration=s.duration, **options)
+    tool_runs = upstream_stats(upstream)["tool_runs"] - before
+    per_round_trip = tool_runs / result["round_trips"] if result["round_trips"] else None
+    return result | {"tool_runs": tool_runs, "tool_runs_per_round_trip": per_round_trip}
+
+
+def upstream_stats(upstream: Service) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{upstream.port}/stats", timeout=5) as response:
+        return json.loads(response.read())
+
+
+def log_findings(service: Service) -> dict:
+    """Warnings, errors and tracebacks the server logged during the run (the log level is WARNING)."""
+    try:
+        lines = service.log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return {}
+    flagged = [line for line in lines if any(word in line for word in ("ERROR", "WARNING", "Traceback", "Error"))]
+    distinct = list(dict.fromkeys(line.strip()[:300] for line in flagged))
+    return {"flagged_lines": len(flagged), "samples": distinct[:15]}
+
+
+# --- The run --------------------------------------------------------------------------------------
+
+
+def run_gateway(run: Run, start: Callable[[], Target], upstream: Service, scenarios: set[str]) -> Target | None:
+    """Start one gateway, measure it alone, stop it, keep what its log says."""
+    try:
+        target = start()
+    except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as exc:
+        run.failures.append(f"start-up: {exc}")
+        print(f"  start-up failed: {exc}", flush=True)
+        return None
+    try:
+        measure_target(run, target, upstream, scenarios)
+    finally:
+        target.service.stop()
+    target.results["log"] = log_findings(target.service)
+    return target
+
+
+def run_all(run: Run, selected: list[str]) -> None:
+    settings = run.settings
+    upstream = start_upstream(run)
+    everything = {"sse", "streams", "approvals"}
+    if "direct" in selected:
+        print("== direct", flush=True)
+        target = direct_target(upstream, settings)
+        measure_target(run, target, upstream, everything)  # the upstream keeps running for the gateways
+        run.results["direct"] = target.results
+    gateways: list[tuple[str, Callable[[], Target], set[str]]] = [
+        ("kitemesh", lambda: kitemesh_start(run, upstream, settings.kitemesh_db, "kitemesh"), everything),
+        ("kitemesh_sqlite", lambda: kitemesh_start(run, upstream, "sqlite", "kitemesh_sqlite"), set()),
+        ("litellm", lambda: litellm_start(run, upstream), everything),
+    ]
+    for key, start, scenarios in gateways:
+        if key in selected:
+            print(f"== {key}", flush=True)
+            target = run_gateway(run, start, upstream, scenarios)
+            if target is not None:
+                run.results[key] = target.results
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a short smoke run (results in bench/.run/)")
+    parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated subset of {', '.join(TARGETS)}")
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    settings = Settings.from_env(args.quick)
+    selected = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if settings.kitemesh_db == "postgres" and not postgres_available():
+        print("PostgreSQL is not reachable: KiteMesh runs on SQLite only.", flush=True)  # said in results.md too
+        settings = Settings(**(asdict(settings) | {"kitemesh_db": "sqlite"}))
+        selected = [t for t in selected if t != "kitemesh_sqlite"]
+    if "litellm" in selected and not LITELLM.exists():
+        raise SystemExit(f"{LITELLM} is missing: run `make bench`, which installs it.")
+    RUN_DIR.mkdir(exist_ok=True)
+    raise_open_files_limit()
+    run = Run(settings, Pinning.detect())
+    started, load_before = datetime.now(UTC), os.getloadavg()[0]
+    try:
+        run_all(run, selected)
+    finally:
+        for service in reversed(run.services):
+            service.stop()
+    output = {
+        "started": started.isoformat(timespec="seconds"),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "settings": asdict(settings),
+        "machine": machine_describe(run.pin, uvicorn_speedups(), wrk_version() if wrk_available() else None),
+        # Other work on the machine skews everything: the 1-minute load average says whether there was any.
+        "load_average": {"before": load_before, "after": os.getloadavg()[0]},
+        "results": run.results,
+        "failures": run.failures,
+    }
+    stem = RUN_DIR / "results-quick" if settings.quick else BENCH_DIR / "results"
+    Path(f"{stem}.json").write_text(json.dumps(output, indent=2) + "\n")
+    Path(f"{stem}.md").write_text(render_markdown(output))
+    print(f"wrote {stem}.md and {stem}.json", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
