@@ -65,15 +65,14 @@ class GroupForRun:
     fallbacks: list[CustomModel]
 
 
-# What a token may run of a group, per process: (expires at, parts) by (token id, group id). Reading it
+# The per-process config cache: what a token may run of a group, (expires at, parts) by (token id, group
+# id), and teams (their rate limits apply to every request), (expires at, team) by id. Reading a group
 # costs several queries that compile slowly, for configuration that rarely changes. Changes made in this
-# process clear it at once (chat.apps connects config_cache_clear); other processes see them within
-# KITEMESH_CONFIG_CACHE_SECONDS. The token itself is read on every request, so revocation is immediate.
+# process clear the cache at once (chat.apps connects config_cache_clear); other processes see them within
+# KITEMESH_CONFIG_CACHE_SECONDS. Tokens are read on every request, so revocation is immediate.
 _run_config: dict[tuple[int, uuid.UUID], tuple[float, GroupForRun]] = {}
 _RUN_CONFIG_MAX_ENTRIES = 10_000
-
-
-_teams: dict[int, tuple[float, Team]] = {}  # (expires at, team) by id, for the rate limits on every request
+_teams: dict[int, tuple[float, Team]] = {}
 
 
 def config_cache_clear(**_signal_kwargs) -> None:
