@@ -47,9 +47,9 @@ def _account_reserve(team_id: int, amount: int, refusal: str) -> CreditAccount:
 
 
 def _hold_entry(account: CreditAccount, execution: Execution, amount: int) -> None:
-    entry = LedgerEntry(kind=LedgerEntry.Kind.HOLD, amount=amount, execution=execution)
-    entry.team_id, entry.balance_after, entry.held_after = account.team_id, account.balance, account.held
-    _entry_insert(entry)
+    """Record a reservation `_account_reserve` has applied to `account`."""
+    kind, after = LedgerEntry.Kind.HOLD, {"balance_after": account.balance, "held_after": account.held}
+    _entry_insert(LedgerEntry(team_id=account.team_id, kind=kind, amount=amount, execution=execution, **after))
 
 
 def _account_move(account: CreditAccount, *, balance: int = 0, held: int = 0) -> None:
