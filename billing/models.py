@@ -44,7 +44,8 @@ class LedgerEntry(models.Model):
         REFUND = "refund"
         ADJUSTMENT = "adjustment"
 
-    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="ledger_entries")
+    # Indexed by Meta's (team, -created_at), as Execution.team is.
+    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="ledger_entries", db_index=False)
     kind = models.CharField(max_length=12, choices=Kind.choices)
     amount = models.BigIntegerField()
     balance_after = models.BigIntegerField()

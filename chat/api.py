@@ -7,6 +7,8 @@ from adrf.views import APIView
 from asgiref.sync import sync_to_async
 from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
+from rest_framework.negotiation import BaseContentNegotiation
+from rest_framework.renderers import BaseRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -55,6 +57,7 @@ from chat.wire import (
 )
 from kitemesh_site.metrics import stream_first_byte_observe, stream_open
 from kitemesh_site.middleware import request_id_bind
+from kitemesh_site.sql import connections_upkeep
 
 
 async def _sse_response(stream: AsyncIterator[bytes], slots: list[str]) -> StreamingHttpResponse:
@@ -121,7 +124,26 @@ class _Admitted:
             await stream_release(self.slots)
 
 
-class ChatCompletionCreateApi(APIView):
+class _JsonAnswers(BaseContentNegotiation):
+    """The API answers JSON whatever the Accept header says, as OpenAI's does."""
+
+    def select_renderer(self, request: Request, renderers: list[BaseRenderer], format_suffix=None):
+        return renderers[0], renderers[0].media_type
+
+
+class ApiView(APIView):
+    """The /v1/ endpoints' base view."""
+
+    content_negotiation_class = _JsonAnswers
+
+    def initial(self, request: Request, *args, **kwargs) -> None:
+        # Runs in the thread hop adrf makes for authentication; the API handler sends no request signals,
+        # so the database connection upkeep they would do happens here.
+        connections_upkeep()
+        super().initial(request, *args, **kwargs)
+
+
+class ChatCompletionCreateApi(ApiView):
     @chat_completion_schema
     async def post(self, request: Request) -> HttpResponseBase:
         chat_request = chat_request_parse(_body(request))
@@ -144,7 +166,7 @@ class ChatCompletionCreateApi(APIView):
         return await _answer(run, chat_request, slots)
 
 
-class ChatResumeApi(APIView):
+class ChatResumeApi(ApiView):
     @chat_resume_schema
     async def post(self, request: Request) -> HttpResponseBase:
         resume = resume_request_parse(_body(request))
@@ -186,7 +208,7 @@ def _uuid(value: str, what: str, code: str) -> uuid.UUID:
         raise NotFound(f"No {what} {value}.", code=code) from None
 
 
-class ApprovalDetailApi(APIView):
+class ApprovalDetailApi(ApiView):
     @approval_detail_schema
     def get(self, request: Request, approval_id: str) -> Response:
         team_id = request.auth.team_id
@@ -198,7 +220,7 @@ class ApprovalDetailApi(APIView):
         return Response(approval_body(approval, redact=arguments_redact))
 
 
-class ExecutionDetailApi(APIView):
+class ExecutionDetailApi(ApiView):
     @execution_detail_schema
     def get(self, request: Request, execution_id: str) -> Response:
         execution = execution_for_team_get(
@@ -207,7 +229,7 @@ class ExecutionDetailApi(APIView):
         return Response(execution_body(execution))
 
 
-class ModelListApi(APIView):
+class ModelListApi(ApiView):
     @model_list_schema
     def get(self, request: Request) -> Response:
         groups = group_list_for_token(token=request.auth)
@@ -216,7 +238,7 @@ class ModelListApi(APIView):
         return Response({"object": "list", "data": data})
 
 
-class CreditBalanceApi(APIView):
+class CreditBalanceApi(ApiView):
     @credit_balance_schema
     def get(self, request: Request) -> Response:
         account = credit_account_get(team=request.auth.team)

@@ -244,7 +244,9 @@ class Execution(models.Model):
         EXPIRED = "expired"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4)
-    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="executions")
+    # Indexed by Meta's (team, -created_at), which serves lookups by team too: one index less to write
+    # on every request.
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="executions", db_index=False)
     group = models.ForeignKey(Group, on_delete=models.SET_NULL, null=True, related_name="executions")
     token = models.ForeignKey(ApiToken, on_delete=models.SET_NULL, null=True, related_name="executions")
     request_id = models.CharField(max_length=128)

@@ -1,6 +1,8 @@
 """The ASGI application (`kitemesh_site.asgi:application`): Django for HTTP, measured and behind a body-size
 guard that answers 413 before a large body is read; lifespan handled here; other scope types refused."""
 
+import asyncio
+import contextlib
 import os
 
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
@@ -11,8 +13,10 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kitemesh_site.settings.base")
 django_application = ASGIStaticFilesHandler(get_asgi_application())
 
 from django.conf import settings  # noqa: E402  (after Django is set up)
-from django.core.handlers.asgi import ASGIHandler  # noqa: E402
+from django.core.exceptions import RequestAborted  # noqa: E402
+from django.core.handlers.asgi import ASGIHandler, get_script_prefix  # noqa: E402
 from django.core.handlers.exception import convert_exception_to_response  # noqa: E402
+from django.urls import set_script_prefix  # noqa: E402
 
 from chat.engine.providers import upstream_session_close  # noqa: E402
 from chat.errors import RequestTooLarge  # noqa: E402
@@ -31,6 +35,35 @@ class ApiHandler(ASGIHandler):
 
     async def __call__(self, scope, receive, send) -> None:
         await self.handle(scope, receive, send)
+
+    async def handle(self, scope, receive, send) -> None:
+        """Django's handle without the request_started and request_finished signals, whose receivers
+        are sync (two thread hops a request): the API's database connection upkeep runs in the hop its
+        views make for authentication (chat.api.ApiView.initial). API responses hold nothing to close."""
+        try:
+            body_file = await self.read_body(receive)
+        except RequestAborted:
+            return
+        set_script_prefix(get_script_prefix(scope))
+        try:
+            request, error_response = self.create_request(scope, body_file)
+            if request is None:
+                await self.send_response(error_response, send)
+                return
+            response = asyncio.create_task(self._respond(request, send))
+            disconnect = asyncio.create_task(self.listen_for_disconnect(receive))
+            await asyncio.wait([disconnect, response], return_when=asyncio.FIRST_COMPLETED)
+            for task in (disconnect, response):  # the disconnect listener first: a view may handle cancellation
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, RequestAborted):
+                    await task
+        finally:
+            body_file.close()
+
+    async def _respond(self, request, send) -> None:
+        response = await self.run_get_response(request)
+        with contextlib.suppress(asyncio.CancelledError):  # the client left while it was sent
+            await self.send_response(response, send)
 
     def load_middleware(self, is_async: bool = False) -> None:
         self._view_middleware, self._template_response_middleware, self._exception_middleware = [], [], []

@@ -2,6 +2,7 @@
 account — in one transaction. Nothing else writes CreditAccount."""
 
 import math
+from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
 
@@ -20,17 +21,29 @@ def credits_round(exact: Decimal) -> int:
     return math.ceil(exact)
 
 
-def _account_lock(team_id: int) -> CreditAccount:
+@dataclass
+class _Account:
+    """A locked CreditAccount's figures, without building the model (this runs on every request)."""
+
+    team_id: int
+    balance: int
+    held: int
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.held
+
+
+def _account_lock(team_id: int) -> _Account:
     """Lock the team's account row for the rest of the caller's transaction (the only lock billing takes)."""
     rows = sql_rows(f"SELECT balance, held FROM billing_creditaccount WHERE team_id = %s{for_update()}", [team_id])
     if not rows:
         CreditAccount.objects.get_or_create(team_id=team_id)  # a team made outside apply_config
         return _account_lock(team_id)
-    balance, held = rows[0]
-    return CreditAccount(team_id=team_id, balance=balance, held=held)
+    return _Account(team_id, *rows[0])
 
 
-def _account_reserve(team_id: int, amount: int, refusal: str) -> CreditAccount:
+def _account_reserve(team_id: int, amount: int, refusal: str) -> _Account:
     """Move `amount` into `held` when the team has it available, in one statement that also locks the
     row for the rest of the caller's transaction; the account after it. InsufficientCredits otherwise,
     with `refusal` formatted with the amount and what is available."""
@@ -42,17 +55,16 @@ def _account_reserve(team_id: int, amount: int, refusal: str) -> CreditAccount:
     if not rows:
         available = max(_account_lock(team_id).available, 0)  # (creating a missing account)
         raise InsufficientCredits(refusal.format(amount=amount, available=available))
-    balance, held = rows[0]
-    return CreditAccount(team_id=team_id, balance=balance, held=held)
+    return _Account(team_id, *rows[0])
 
 
-def _hold_entry(account: CreditAccount, execution: Execution, amount: int) -> None:
+def _hold_entry(account: _Account, execution: Execution, amount: int) -> None:
     """Record a reservation `_account_reserve` has applied to `account`."""
     kind, after = LedgerEntry.Kind.HOLD, {"balance_after": account.balance, "held_after": account.held}
     _entry_insert(LedgerEntry(team_id=account.team_id, kind=kind, amount=amount, execution=execution, **after))
 
 
-def _account_move(account: CreditAccount, *, balance: int = 0, held: int = 0) -> None:
+def _account_move(account: _Account, *, balance: int = 0, held: int = 0) -> None:
     """Apply `balance`/`held` deltas to a locked account (the caller records them in the ledger)."""
     sql_count(
         "UPDATE billing_creditaccount SET balance = balance + %s, held = held + %s WHERE team_id = %s",
@@ -68,7 +80,7 @@ def _entry_insert(entry: LedgerEntry) -> LedgerEntry:
 
 
 def _entry_write(
-    account: CreditAccount, *, kind: str, amount: int, balance: int = 0, held: int = 0, **fields
+    account: _Account, *, kind: str, amount: int, balance: int = 0, held: int = 0, **fields
 ) -> LedgerEntry:
     """Apply `balance`/`held` deltas to a locked account and record them. Assumes _account_lock."""
     _account_move(account, balance=balance, held=held)
