@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator
 
 from adrf.views import APIView
 from asgiref.sync import sync_to_async
-from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.renderers import BaseRenderer
@@ -141,6 +141,15 @@ class ApiView(APIView):
         # so the database connection upkeep they would do happens here.
         connections_upkeep()
         super().initial(request, *args, **kwargs)
+
+    def finalize_response(self, request: Request, response: HttpResponseBase, *args, **kwargs) -> HttpResponseBase:
+        """A DRF Response is rendered here, on the event loop (it is one json.dumps): Django would render
+        it in a thread hop of its own."""
+        response = super().finalize_response(request, response, *args, **kwargs)
+        if not isinstance(response, Response):
+            return response  # a stream
+        response.render()
+        return HttpResponse(response.content, status=response.status_code, headers=response.headers)
 
 
 class ChatCompletionCreateApi(ApiView):

@@ -64,14 +64,26 @@ def _hold_entry(account: _Account, execution: Execution, amount: int) -> None:
     _entry_insert(LedgerEntry(team_id=account.team_id, kind=kind, amount=amount, execution=execution, **after))
 
 
-def _account_move(account: _Account, *, balance: int = 0, held: int = 0) -> None:
-    """Apply `balance`/`held` deltas to a locked account (the caller records them in the ledger)."""
-    sql_count(
-        "UPDATE billing_creditaccount SET balance = balance + %s, held = held + %s WHERE team_id = %s",
-        [balance, held, account.team_id],
+def _account_move(team_id: int, *, balance: int = 0, held: int = 0) -> _Account:
+    """Apply `balance`/`held` deltas to the team's account, locking its row for the rest of the caller's
+    transaction; the account after them (the caller records them in the ledger)."""
+    rows = sql_rows(
+        "UPDATE billing_creditaccount SET balance = balance + %s, held = held + %s WHERE team_id = %s"
+        " RETURNING balance, held",
+        [balance, held, team_id],
     )
-    account.balance += balance
-    account.held += held
+    return _Account(team_id, *rows[0])
+
+
+def _account_charge(team_id: int, charge: int, hold_amount: int) -> _Account | None:
+    """Release a hold of `hold_amount` and take `charge`, when what other holds leave covers it (as it does
+    when the hold covered the charge): one statement that locks the row; the account after it, or None."""
+    rows = sql_rows(
+        "UPDATE billing_creditaccount SET balance = balance - %s, held = held - %s"
+        " WHERE team_id = %s AND balance - held + %s >= %s RETURNING balance, held",
+        [charge, hold_amount, team_id, hold_amount, charge],
+    )
+    return _Account(team_id, *rows[0]) if rows else None
 
 
 def _entry_insert(entry: LedgerEntry) -> LedgerEntry:
@@ -79,13 +91,11 @@ def _entry_insert(entry: LedgerEntry) -> LedgerEntry:
     return entry
 
 
-def _entry_write(
-    account: _Account, *, kind: str, amount: int, balance: int = 0, held: int = 0, **fields
-) -> LedgerEntry:
-    """Apply `balance`/`held` deltas to a locked account and record them. Assumes _account_lock."""
-    _account_move(account, balance=balance, held=held)
+def _entry_write(team_id: int, *, kind: str, amount: int, balance: int = 0, held: int = 0, **fields) -> LedgerEntry:
+    """Apply `balance`/`held` deltas to the team's account and record them."""
+    account = _account_move(team_id, balance=balance, held=held)
     entry = LedgerEntry(
-        team_id=account.team_id,
+        team_id=team_id,
         kind=kind,
         amount=amount,
         balance_after=account.balance,
@@ -108,7 +118,7 @@ def credits_grant(
     account = _account_lock(team.pk)
     if account.balance + amount < 0:
         raise InsufficientCredits(f"The adjustment would take the balance below zero ({account.balance}).")
-    return _entry_write(account, kind=kind, amount=amount, balance=amount, reason=reason, actor=actor)
+    return _entry_write(team.pk, kind=kind, amount=amount, balance=amount, reason=reason, actor=actor)
 
 
 def hold_create(*, execution: Execution, amount: int) -> Hold:
@@ -129,9 +139,11 @@ def hold_settle(*, hold: Hold, cost: Decimal) -> int:
     the worst case, so a cap only bites when an upstream ignored max_tokens)."""
     if not _hold_close(hold):
         return 0  # settled already: a second settle must not charge twice
-    account = _account_lock(hold.team_id)
-    charge = max(min(credits_round(cost), account.available + hold.amount), 0)
-    _account_move(account, balance=-charge, held=-hold.amount)
+    charge = credits_round(cost)
+    account = _account_charge(hold.team_id, charge, hold.amount)
+    if account is None:  # an upstream ignored max_tokens, or an adjustment took what the hold counted on
+        charge = max(min(charge, _account_lock(hold.team_id).available + hold.amount), 0)
+        account = _account_move(hold.team_id, balance=-charge, held=-hold.amount)
     common = {"team_id": hold.team_id, "held_after": account.held, "execution_id": hold.execution_id}
     kinds = LedgerEntry.Kind
     entries = [LedgerEntry(kind=kinds.RELEASE, amount=hold.amount, balance_after=account.balance + charge, **common)]
@@ -170,9 +182,8 @@ def hold_release(*, hold: Hold) -> bool:
     transaction, taking the account lock."""
     updated = _hold_close(hold)
     if updated:
-        account = _account_lock(hold.team_id)
         _entry_write(
-            account,
+            hold.team_id,
             kind=LedgerEntry.Kind.RELEASE,
             amount=hold.amount,
             held=-hold.amount,

@@ -254,6 +254,18 @@ def test_charge_never_takes_the_balance_below_zero(acme: Setup):
     assert_ledger_matches_account(acme.team)
 
 
+def test_charge_within_its_hold_is_capped_when_an_adjustment_took_the_credits_it_counted_on(acme: Setup):
+    credits_grant(team=acme.team, amount=10, reason="start")
+    h = hold(acme, 10)
+    credits_grant(team=acme.team, amount=-5, reason="correction", kind=LedgerEntry.Kind.ADJUSTMENT)
+
+    charged = settle(h, Decimal("8"))  # within the hold, but only 5 credits are left
+
+    assert charged == 5
+    assert (account(acme.team).balance, account(acme.team).held) == (0, 0)
+    assert_ledger_matches_account(acme.team)
+
+
 def test_every_change_writes_an_entry_matching_the_account(acme: Setup):
     credits_grant(team=acme.team, amount=300, reason="start")
     a = hold(acme, 50)
