@@ -43,3 +43,23 @@ def test_production_refuses_to_start_without_a_secret_key():
 
     assert result.returncode != 0
     assert "DJANGO_SECRET_KEY must be set in production" in result.stderr
+
+
+def _postgres_options(**overrides: str) -> str:
+    env = _production_env(DATABASE_URL="postgres://kitemesh@db.internal:5432/kitemesh", **overrides)
+    script = "from django.conf import settings; print(settings.DATABASES['default']['OPTIONS'])"
+    result = subprocess.run(
+        [sys.executable, "-c", f"import django; django.setup(); {script}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_postgresql_binds_parameters_server_side_unless_turned_off_for_a_pooler():
+    assert "'server_side_binding': True" in _postgres_options()
+    assert "'server_side_binding': False" in _postgres_options(DATABASE_SERVER_SIDE_BINDING="0")
