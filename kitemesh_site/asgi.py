@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import os
 
+from asgiref.sync import sync_to_async
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 from django.core.asgi import get_asgi_application
 
@@ -24,6 +25,7 @@ from chat.services.vault import vault_key_check  # noqa: E402
 from chat.wire import error_body, request_id_new  # noqa: E402
 from kitemesh_site import metrics  # noqa: E402
 from kitemesh_site.middleware import API_PREFIXES, api_request_middleware  # noqa: E402
+from kitemesh_site.sql import connections_closed_per_request, connections_upkeep  # noqa: E402
 
 
 class ApiHandler(ASGIHandler):
@@ -39,7 +41,8 @@ class ApiHandler(ASGIHandler):
     async def handle(self, scope, receive, send) -> None:
         """Django's handle without the request_started and request_finished signals, whose receivers
         are sync (two thread hops a request): the API's database connection upkeep runs in the hop its
-        views make for authentication (chat.api.ApiView.initial). API responses hold nothing to close."""
+        views make for authentication (chat.api.ApiView.initial), and after the response only when
+        connections are closed per request. API responses hold nothing to close."""
         try:
             body_file = await self.read_body(receive)
         except RequestAborted:
@@ -59,6 +62,8 @@ class ApiHandler(ASGIHandler):
                     await task
         finally:
             body_file.close()
+        if connections_closed_per_request():  # what request_finished would do: close it now, not next time
+            await sync_to_async(connections_upkeep)()
 
     async def _respond(self, request, send) -> None:
         response = await self.run_get_response(request)

@@ -28,6 +28,12 @@ def connections_upkeep() -> None:
             connection.close_if_unusable_or_obsolete()
 
 
+@functools.cache
+def connections_closed_per_request() -> bool:
+    """CONN_MAX_AGE=0: a request's connection is closed when it ends, not kept for the next one."""
+    return any(connection.settings_dict["CONN_MAX_AGE"] == 0 for connection in connections.all())
+
+
 def sql_rows(statement: str, params: Sequence[Any]) -> list[tuple]:
     """Run one statement; its rows (none for a write without RETURNING)."""
     with _db().cursor() as cursor:
