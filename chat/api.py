@@ -4,7 +4,6 @@ import uuid
 from collections.abc import AsyncIterator
 
 from adrf.views import APIView
-from asgiref.sync import sync_to_async
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework.negotiation import BaseContentNegotiation
@@ -55,9 +54,9 @@ from chat.wire import (
     execution_body,
     resume_request_parse,
 )
+from kitemesh_site.db import connections_upkeep, in_db_thread
 from kitemesh_site.metrics import stream_first_byte_observe, stream_open
 from kitemesh_site.middleware import request_id_bind
-from kitemesh_site.sql import connections_upkeep
 
 
 async def _sse_response(stream: AsyncIterator[bytes], slots: list[str]) -> StreamingHttpResponse:
@@ -103,7 +102,7 @@ async def _answer(run: Run | Replay, chat_request: ChatRequest, slots: list[str]
 async def _group_for_run(token: ApiToken, group_id: uuid.UUID) -> GroupForRun:
     """From the per-process cache without leaving the event loop, else from the database."""
     parts = group_for_run_cached(token=token, group_id=group_id)
-    return parts or await sync_to_async(group_for_run_get)(token=token, group_id=group_id)
+    return parts or await in_db_thread(group_for_run_get, token=token, group_id=group_id)
 
 
 class _Admitted:
@@ -185,11 +184,12 @@ class ChatResumeApi(ApiView):
 
     @staticmethod
     async def _answer(request: Request, token: ApiToken, resume: ResumeRequest, slots: list[str]):
-        approval = await sync_to_async(approval_for_team_get)(team_id=token.team_id, approval_id=resume.approval_id)
+        approval = await in_db_thread(approval_for_team_get, team_id=token.team_id, approval_id=resume.approval_id)
         if approval.group_id != resume.chat.group_id:
             raise InvalidRequest(f"This approval belongs to 'group:{approval.group_id}'.", param="model")
         parts = await _group_for_run(token, approval.group_id)
-        claim = await sync_to_async(approval_resume_claim)(
+        claim = await in_db_thread(
+            approval_resume_claim,
             token=token,
             approval=approval,
             approved=resume.approved,

@@ -24,8 +24,8 @@ from chat.errors import RequestTooLarge  # noqa: E402
 from chat.services.vault import vault_key_check  # noqa: E402
 from chat.wire import error_body, request_id_new  # noqa: E402
 from kitemesh_site import metrics  # noqa: E402
+from kitemesh_site.db import connections_closed_per_request, connections_upkeep  # noqa: E402
 from kitemesh_site.middleware import API_PREFIXES, api_request_middleware  # noqa: E402
-from kitemesh_site.sql import connections_closed_per_request, connections_upkeep  # noqa: E402
 
 
 class ApiHandler(ASGIHandler):

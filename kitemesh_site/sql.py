@@ -19,21 +19,6 @@ def _db() -> BaseDatabaseWrapper:
     return connections[DEFAULT_DB_ALIAS]
 
 
-def connections_upkeep() -> None:
-    """Django's close_old_connections, for a path that sends no request signals (the API handler): drop
-    this thread's connections that broke or outlived CONN_MAX_AGE, so the request opens a fresh one.
-    A connection inside a transaction is left alone (a test's, whose data the request must see)."""
-    for connection in connections.all(initialized_only=True):
-        if not connection.in_atomic_block:
-            connection.close_if_unusable_or_obsolete()
-
-
-@functools.cache
-def connections_closed_per_request() -> bool:
-    """CONN_MAX_AGE=0: a request's connection is closed when it ends, not kept for the next one."""
-    return any(connection.settings_dict["CONN_MAX_AGE"] == 0 for connection in connections.all())
-
-
 def sql_rows(statement: str, params: Sequence[Any]) -> list[tuple]:
     """Run one statement; its rows (none for a write without RETURNING)."""
     with _db().cursor() as cursor:

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from approvals.models import Approval
@@ -52,6 +51,7 @@ from chat.services.executions import (
     tool_execution_start,
 )
 from chat.wire import SSE_DONE, ChatRequest, chunk_body, completion_body, error_body, sse_event
+from kitemesh_site.db import in_db_thread
 from kitemesh_site.metrics import tool_run_count, upstream_call_observe, upstream_error_count
 
 MAX_TOOL_ROUNDS = 8  # brain calls that ask for tools, in a row, before the run is stopped
@@ -140,7 +140,7 @@ class Run:
             return
         extra = self.reserved + amount - (self.hold.amount if self.hold else 0)
         if extra > 0:
-            self.hold = await sync_to_async(hold_reserve)(execution=self.execution, hold=self.hold, amount=extra)
+            self.hold = await in_db_thread(hold_reserve, execution=self.execution, hold=self.hold, amount=extra)
         self.reserved += amount
 
     def step_model(
@@ -192,7 +192,8 @@ class Run:
         that same settlement instead of starting another."""
         if self.settlement is None:
             self.settlement = asyncio.ensure_future(
-                sync_to_async(execution_finish)(
+                in_db_thread(
+                    execution_finish,
                     execution=self.execution,
                     hold=self.hold,
                     steps=self.steps,
@@ -328,7 +329,7 @@ class Run:
                     answer if answer is not None else json.dumps({"error": f"The agent failed: {error}"})
                 )
             yield progress
-        await sync_to_async(_delegations_record)(calls, contents)
+        await in_db_thread(_delegations_record, calls=calls, contents=contents)
 
     async def tool_message(self, call: ToolExecution) -> str:
         if call.tool is None:
@@ -336,12 +337,17 @@ class Run:
         if call.status == ToolExecution.Status.DENIED:
             reason = f": {call.decision_reason}" if call.decision_reason else ""
             return json.dumps({"error": f"The tool call was denied by {call.decided_by or 'the approver'}{reason}"})
-        if not await sync_to_async(tool_execution_start)(tool_execution=call):
+        if not await in_db_thread(tool_execution_start, tool_execution=call):
             return json.dumps({"error": "This tool call was already run."})
         started = time.monotonic()
         result = await _tool_result(call)
-        await sync_to_async(tool_execution_finish)(
-            tool_execution=call, ok=result.ok, status_code=result.status_code, body=result.body, error=result.error
+        await in_db_thread(
+            tool_execution_finish,
+            tool_execution=call,
+            ok=result.ok,
+            status_code=result.status_code,
+            body=result.body,
+            error=result.error,
         )
         self.step_tool(call, call.tool, result, started)
         return result.model_content()
@@ -361,7 +367,8 @@ class Run:
             usage=self.usage(),
             kitemesh=self.kitemesh(),
         )
-        paused = await sync_to_async(approval_pause)(
+        paused = await in_db_thread(
+            approval_pause,
             execution=self.execution,
             group=self.group,
             hold=self.hold,
@@ -451,7 +458,7 @@ async def run_events(run: Run) -> AsyncIterator[str | Progress | Answer | Pause]
         if any(c.requires_approval for c in calls):
             yield await run.pause(calls)
             return
-        await sync_to_async(ToolExecution.objects.bulk_create)(calls)
+        await in_db_thread(ToolExecution.objects.bulk_create, objs=calls)
         async for progress in run.tools_run(calls):
             yield progress
     raise UpstreamError(
@@ -527,7 +534,8 @@ async def run_start(
     specs = [tool_spec(t) for t in tools] + (
         [delegate_spec(list(run_agents.values()))] if mode == Mode.ORCHESTRATION else []
     )
-    start = await sync_to_async(execution_start)(
+    start = await in_db_thread(
+        execution_start,
         token=token,
         group=group,
         mode=mode,

@@ -175,6 +175,8 @@ KITEMESH_CIRCUIT_COOLDOWN = float(os.environ.get("KITEMESH_CIRCUIT_COOLDOWN", "3
 # Output-token cap sent upstream (and reserved for) when the client gives no max_tokens.
 # How long a worker keeps a group's configuration before reading it again (see chat.selectors).
 KITEMESH_CONFIG_CACHE_SECONDS = float(os.environ.get("KITEMESH_CONFIG_CACHE_SECONDS", "5"))
+# PostgreSQL: threads (each with its own connection) a worker runs its request path's transactions on.
+KITEMESH_DB_THREADS = int(os.environ.get("KITEMESH_DB_THREADS", "4"))
 KITEMESH_DEFAULT_MAX_OUTPUT_TOKENS = env_int("KITEMESH_DEFAULT_MAX_OUTPUT_TOKENS", 1024)
 
 REDIS_URL = os.environ.get("REDIS_URL", "")

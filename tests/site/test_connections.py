@@ -1,6 +1,7 @@
 """The API's database connection upkeep, which Django's request signals do for pages: the API handler
 sends none (each would cost a thread hop), so the API does it itself (README, Benchmarks)."""
 
+import pytest
 from asgiref.sync import SyncToAsync
 from django.db import connections
 
@@ -20,3 +21,25 @@ def test_with_conn_max_age_0_an_api_request_closes_its_connection_when_it_ends(h
     assert response.status_code == 200
     assert response.json()["data"][0]["id"] == setup.model
     assert not _api_thread_connection_open()
+
+
+def _sessions_on_this_database() -> int:
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()")
+        return cursor.fetchone()[0]
+
+
+def test_with_conn_max_age_0_the_postgresql_threads_close_their_connections_too(http, setup: Setup):
+    if connections["default"].vendor != "postgresql":
+        pytest.skip("the pool of database threads is PostgreSQL's; CI runs this in its PostgreSQL pass")
+    before = _sessions_on_this_database()
+
+    for _ in range(3):  # the run's transactions go to the pool's threads
+        response = http.post(
+            "/v1/chat/completions",
+            json={"model": setup.model, "messages": [{"role": "user", "content": "Hi"}]},
+            headers=setup.headers,
+        )
+        assert response.status_code == 200, response.text
+
+    assert _sessions_on_this_database() == before
