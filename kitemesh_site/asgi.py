@@ -24,7 +24,7 @@ from chat.errors import RequestTooLarge  # noqa: E402
 from chat.services.vault import vault_key_check  # noqa: E402
 from chat.wire import error_body, request_id_new  # noqa: E402
 from kitemesh_site import metrics  # noqa: E402
-from kitemesh_site.db import connections_closed_per_request, connections_upkeep  # noqa: E402
+from kitemesh_site.db import connections_closed_per_request, connections_upkeep, pool_allowed  # noqa: E402
 from kitemesh_site.middleware import API_PREFIXES, api_request_middleware  # noqa: E402
 
 
@@ -48,6 +48,7 @@ class ApiHandler(ASGIHandler):
         except RequestAborted:
             return
         set_script_prefix(get_script_prefix(scope))
+        pool_allowed.set(True)
         try:
             request, error_response = self.create_request(scope, body_file)
             if request is None:

@@ -8,6 +8,7 @@ overlap another's instead of queueing behind them (README, Benchmarks)."""
 import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
@@ -15,6 +16,11 @@ from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connections
 
 T = TypeVar("T")
+
+# Set by the API handler for the requests it serves, which have no caller's transaction to share: their
+# work may go to the pool. Anything else (Django's test client, a sync caller) keeps asgiref's
+# thread-sensitive routing, which reaches the caller's own connection and its uncommitted rows.
+pool_allowed: ContextVar[bool] = ContextVar("kitemesh_db_pool_allowed", default=False)
 
 
 def connections_upkeep() -> None:
@@ -52,7 +58,7 @@ def _pooled(work: Callable[..., T], kwargs: dict[str, Any]) -> T:
 
 async def in_db_thread(work: Callable[..., T], /, **kwargs: Any) -> T:
     """Run `work(**kwargs)` (one transaction, or one read) off the event loop."""
-    pool = _pool()
+    pool = _pool() if pool_allowed.get() else None
     if pool is None:
         return await sync_to_async(work)(**kwargs)
     return await sync_to_async(_pooled, thread_sensitive=False, executor=pool)(work, kwargs)
