@@ -32,8 +32,9 @@ class ApiHandler(ASGIHandler):
     """Django for the API paths, without what only pages use. Its one middleware is natively async (each
     MiddlewareMixin class of the pages would cost two thread hops a request), and it opens no
     ThreadSensitiveContext: the sync work of API requests (DRF's authentication, the engine's
-    transactions, one hop each) runs on asgiref's one long-lived thread, whose database connection
-    persists across requests instead of being opened by a new thread for every request."""
+    transactions, one hop each) runs on long-lived threads — asgiref's one, and on PostgreSQL the pool
+    of kitemesh_site.db — whose database connections persist across requests instead of being opened by
+    a new thread for every request."""
 
     async def __call__(self, scope, receive, send) -> None:
         await self.handle(scope, receive, send)
