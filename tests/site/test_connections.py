@@ -1,6 +1,7 @@
 """The API's database connection upkeep, which Django's request signals do for pages: the API handler
 sends none (each would cost a thread hop), so the API does it itself (README, Benchmarks)."""
 
+import threading
 import time
 
 import pytest
@@ -11,7 +12,7 @@ from tests.conftest import Setup
 
 
 def _api_thread_connection_open() -> bool:
-    # The API's sync work runs on asgiref's one long-lived thread (kitemesh_site.asgi.ApiHandler).
+    # DRF's authentication hop, and on SQLite every transaction, runs on asgiref's one long-lived thread.
     return SyncToAsync.single_thread_executor.submit(lambda: connections["default"].connection is not None).result()
 
 
@@ -49,3 +50,4 @@ def test_with_conn_max_age_0_the_postgresql_threads_close_their_connections_too(
     while _sessions_on_this_database() != before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _sessions_on_this_database() == before
+    assert any(thread.name.startswith("kitemesh-db") for thread in threading.enumerate())  # the pool served them
