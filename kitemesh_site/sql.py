@@ -2,7 +2,8 @@
 settlement and steps. Profiling put the ORM's query compiler at 0.2–0.5 ms a statement on that path,
 several times what the database takes (README, Benchmarks); everywhere else the ORM is used. The
 statements are plain SQL that SQLite and PostgreSQL both run, with values prepared by the model fields
-(defaults, auto_now_add, UUIDs, JSON, datetimes, decimals), so rows are exactly what the ORM writes."""
+(defaults, auto_now_add, UUIDs, JSON, datetimes, decimals), so rows are exactly what the ORM writes. On
+PostgreSQL the request path's two transactions are each one statement (see the section at the end)."""
 
 import functools
 from collections.abc import Sequence
@@ -50,36 +51,92 @@ def sql_insert(objs: Sequence[Model]) -> None:
     db = _db()
     model = type(objs[0])
     statement, fields = _insert_statement(model, len(objs), db.vendor)
-    params = [f.get_db_prep_save(f.pre_save(obj, True), db) for obj in objs for f in fields]
+    params = _insert_params(objs, fields)
     if model._meta.auto_field is None:
         sql_count(statement, params)
     else:
         for obj, (pk,) in zip(objs, sql_rows(statement, params), strict=True):
             obj.pk = pk
+    saved(objs)
+
+
+def saved(objs: Sequence[Model]) -> None:
+    """Mark instances written by hand-written SQL as saved, as the ORM would."""
+    alias = _db().alias
     for obj in objs:
-        obj._state.adding, obj._state.db = False, db.alias
+        obj._state.adding, obj._state.db = False, alias
+
+
+def _insert_params(objs: Sequence[Model], fields: list[Field]) -> list[Any]:
+    db = _db()
+    return [f.get_db_prep_save(f.pre_save(obj, True), db) for obj in objs for f in fields]
+
+
+@functools.cache
+def _insert_fields(model: type[Model]) -> tuple[str, list[Field]]:
+    """`table (columns)` of an INSERT, and the fields that give its values."""
+    meta, quote = model._meta, _db().ops.quote_name
+    fields = [f for f in meta.concrete_fields if f is not meta.auto_field]
+    return f"{quote(meta.db_table)} ({', '.join(quote(f.column) for f in fields)})", fields
 
 
 @functools.cache
 def _insert_statement(model: type[Model], rows: int, vendor: str) -> tuple[str, list[Field]]:
-    meta, quote = model._meta, _db().ops.quote_name
-    fields = [f for f in meta.concrete_fields if f is not meta.auto_field]
+    into, fields = _insert_fields(model)
     row = "(" + ", ".join(["%s"] * len(fields)) + ")"
-    statement = (
-        f"INSERT INTO {quote(meta.db_table)} ({', '.join(quote(f.column) for f in fields)})"
-        f" VALUES {', '.join([row] * rows)}"
-    )
-    if meta.auto_field is not None:
-        statement += f" RETURNING {quote(meta.auto_field.column)}"
+    statement = f"INSERT INTO {into} VALUES {', '.join([row] * rows)}"
+    if model._meta.auto_field is not None:
+        statement += f" RETURNING {_db().ops.quote_name(model._meta.auto_field.column)}"
     return statement, fields
 
 
 def sql_update(obj: Model, fields: Sequence[str]) -> int:
     """save(update_fields=fields) of a saved instance, in one statement; how many rows it changed."""
+    return sql_count(*update_statement(obj, fields))
+
+
+def update_statement(obj: Model, fields: Sequence[str], **exprs: str) -> tuple[str, list[Any]]:
+    """The UPDATE of save(update_fields=fields); `exprs` gives SQL for some fields' values, in which %s
+    stands for the value the field would write."""
     meta, db = obj._meta, _db()
     quote = db.ops.quote_name
-    columns = [meta.get_field(name) for name in fields]
-    assignments = ", ".join(f"{quote(f.column)} = %s" for f in columns)
-    params = [f.get_db_prep_save(f.pre_save(obj, False), db) for f in columns]
+    assignments, params = [], []
+    for name in fields:
+        field = meta.get_field(name)
+        assignments.append(f"{quote(field.column)} = {exprs.get(name, '%s')}")
+        params.append(field.get_db_prep_save(field.pre_save(obj, False), db))
     params.append(meta.pk.get_db_prep_value(obj.pk, db))
-    return sql_count(f"UPDATE {quote(meta.db_table)} SET {assignments} WHERE {quote(meta.pk.column)} = %s", params)
+    table, pk = quote(meta.db_table), quote(meta.pk.column)
+    return f"UPDATE {table} SET {', '.join(assignments)} WHERE {pk} = %s", params
+
+
+# --- Several writes in one statement (PostgreSQL) --------------------------------------------------
+# A data-modifying WITH runs several writes as one statement: one round trip, its own transaction, no
+# BEGIN and COMMIT of their own. The request path's two transactions are written so on PostgreSQL;
+# SQLite, which has no such WITH, runs the same writes one by one in a transaction.
+
+
+def single_statement_writes() -> bool:
+    return _db().vendor == "postgresql"
+
+
+def insert_values(objs: Sequence[Model]) -> tuple[str, list[Any]]:
+    """The INSERT sql_insert runs for `objs`, as part of a WITH (ids are not read back)."""
+    into, fields = _insert_fields(type(objs[0]))
+    row = "(" + ", ".join(["%s"] * len(fields)) + ")"
+    return f"INSERT INTO {into} VALUES {', '.join([row] * len(objs))}", _insert_params(objs, fields)
+
+
+def insert_select(obj: Model, source: str, **exprs: str) -> tuple[str, list[Any]]:
+    """The INSERT of a new instance as sql_insert writes it, selected FROM `source` (a WITH query: no row
+    there, nothing inserted), with the SQL `exprs` in place of some columns' values."""
+    db = _db()
+    into, fields = _insert_fields(type(obj))
+    values, params = [], []
+    for f in fields:
+        if f.column in exprs:
+            values.append(exprs[f.column])
+        else:
+            values.append("%s")
+            params.append(f.get_db_prep_save(f.pre_save(obj, True), db))
+    return f"INSERT INTO {into} SELECT {', '.join(values)} FROM {source}", params

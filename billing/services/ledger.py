@@ -13,7 +13,7 @@ from django.utils import timezone
 from billing.models import CreditAccount, Hold, LedgerEntry
 from chat.errors import InsufficientCredits, InvalidRequest
 from chat.models import Execution, Team
-from kitemesh_site.sql import db_value, for_update, sql_count, sql_insert, sql_rows
+from kitemesh_site.sql import db_value, for_update, insert_select, saved, sql_count, sql_insert, sql_rows
 
 
 def credits_round(exact: Decimal) -> int:
@@ -43,19 +43,27 @@ def _account_lock(team_id: int) -> _Account:
     return _Account(team_id, *rows[0])
 
 
+# Moves `amount` into `held` when the team has it available, locking the row; (amount, team, amount).
+_RESERVE = (
+    "UPDATE billing_creditaccount SET held = held + %s WHERE team_id = %s AND balance - held >= %s"
+    " RETURNING balance, held"
+)
+HOLD_REFUSAL = "This request may cost up to {amount} credits; the team has {available} available."
+
+
 def _account_reserve(team_id: int, amount: int, refusal: str) -> _Account:
     """Move `amount` into `held` when the team has it available, in one statement that also locks the
-    row for the rest of the caller's transaction; the account after it. InsufficientCredits otherwise,
-    with `refusal` formatted with the amount and what is available."""
-    rows = sql_rows(
-        "UPDATE billing_creditaccount SET held = held + %s WHERE team_id = %s AND balance - held >= %s"
-        " RETURNING balance, held",
-        [amount, team_id, amount],
-    )
+    row for the rest of the caller's transaction; the account after it. InsufficientCredits otherwise."""
+    rows = sql_rows(_RESERVE, [amount, team_id, amount])
     if not rows:
-        available = max(_account_lock(team_id).available, 0)  # (creating a missing account)
-        raise InsufficientCredits(refusal.format(amount=amount, available=available))
+        raise _refused(team_id, amount, refusal)
     return _Account(team_id, *rows[0])
+
+
+def _refused(team_id: int, amount: int, refusal: str) -> InsufficientCredits:
+    """`refusal` formatted with the amount and what is available."""
+    available = max(_account_lock(team_id).available, 0)  # (creating a missing account)
+    return InsufficientCredits(refusal.format(amount=amount, available=available))
 
 
 def _hold_entry(account: _Account, execution: Execution, amount: int) -> None:
@@ -124,8 +132,7 @@ def credits_grant(
 def hold_create(*, execution: Execution, amount: int) -> Hold:
     """Reserve `amount` for the execution, or raise InsufficientCredits. Runs inside the caller's
     transaction (the one that creates the execution), taking the account lock."""
-    refusal = "This request may cost up to {amount} credits; the team has {available} available."
-    account = _account_reserve(execution.team_id, amount, refusal)
+    account = _account_reserve(execution.team_id, amount, HOLD_REFUSAL)
     hold = Hold(team_id=execution.team_id, execution=execution, amount=amount)
     sql_insert([hold])
     _hold_entry(account, execution, amount)
@@ -203,3 +210,76 @@ def holds_release_stale(*, older_than_seconds: int) -> int:
         with transaction.atomic(durable=True):
             released += hold_release(hold=hold)
     return released
+
+
+# --- The request path on PostgreSQL: each of its transactions one statement (kitemesh_site.sql) -----
+
+
+def execution_insert_with_hold(*, execution: Execution, amount: int) -> Hold:
+    """Insert a new execution and reserve its hold, as sql_insert and hold_create would, in one statement:
+    nothing is written when the team cannot cover `amount` (InsufficientCredits)."""
+    team_id = execution.team_id
+    hold = Hold(team_id=team_id, execution=execution, amount=amount)
+    entry = LedgerEntry(
+        team_id=team_id, kind=LedgerEntry.Kind.HOLD, amount=amount, execution=execution, balance_after=0, held_after=0
+    )
+    execution_sql, execution_params = insert_select(execution, "account")
+    hold_sql, hold_params = insert_select(hold, "account")
+    entry_sql, entry_params = insert_select(
+        entry, "account", balance_after="account.balance", held_after="account.held"
+    )
+    rows = sql_rows(
+        f"WITH account AS ({_RESERVE}), execution AS ({execution_sql}), hold AS ({hold_sql} RETURNING id),"
+        f" entry AS ({entry_sql}) SELECT id FROM hold",
+        [amount, team_id, amount, *execution_params, *hold_params, *entry_params],
+    )
+    if not rows:
+        raise _refused(team_id, amount, HOLD_REFUSAL)
+    hold.pk = rows[0][0]
+    saved([execution, hold])
+    return hold
+
+
+# What the settlement of hold_settle_with charged, for the writes that run in its statement.
+SETTLED_CHARGE = "COALESCE((SELECT charge FROM settled), 0)"
+# The release entry, then the charge entry when there is a charge, from the account as settled.
+_SETTLED_ENTRIES = (
+    "settled CROSS JOIN LATERAL (VALUES (1, 'release', settled.amount, settled.balance + settled.charge),"
+    " (2, 'charge', -settled.charge, settled.balance)) AS e(n, kind, amount, balance_after)"
+    " WHERE e.n = 1 OR settled.charge > 0 ORDER BY e.n"
+)
+
+
+def hold_settle_with(*, hold: Hold, cost: Decimal, writes: list[tuple[str, list]]) -> int:
+    """hold_settle in one statement that also runs the caller's `writes` (SQL and parameters), which may
+    read the credits charged as SETTLED_CHARGE. The charge is capped as hold_settle caps it; a hold
+    settled already is charged nothing. Returns the credits charged."""
+    settled_at = db_value(Hold, "settled_at", timezone.now())
+    template = LedgerEntry(
+        team_id=hold.team_id, kind="", amount=0, balance_after=0, held_after=0, execution_id=hold.execution_id
+    )
+    entries_sql, entries_params = insert_select(
+        template,
+        _SETTLED_ENTRIES,
+        kind="e.kind",
+        amount="e.amount",
+        balance_after="e.balance_after",
+        held_after="settled.held",
+    )
+    statement = (
+        "WITH closed AS (UPDATE billing_hold SET status = %s, settled_at = %s WHERE id = %s AND status = %s"
+        " RETURNING amount),"
+        f" locked AS (SELECT balance, held FROM billing_creditaccount WHERE team_id = %s{for_update()}),"
+        " priced AS (SELECT closed.amount, GREATEST(LEAST(%s, locked.balance - locked.held + closed.amount), 0)"
+        " AS charge FROM closed, locked),"
+        " settled AS (UPDATE billing_creditaccount SET balance = balance - priced.charge,"
+        " held = held - priced.amount FROM priced WHERE team_id = %s"
+        " RETURNING balance, held, priced.amount, priced.charge),"
+        f" entries AS ({entries_sql})"
+        + "".join(f", write{i} AS ({sql})" for i, (sql, _) in enumerate(writes))
+        + " SELECT charge FROM settled"
+    )
+    params = [Hold.Status.SETTLED, settled_at, hold.pk, Hold.Status.ACTIVE, hold.team_id, credits_round(cost)]
+    params += [hold.team_id, *entries_params, *(p for _, write_params in writes for p in write_params)]
+    rows = sql_rows(statement, params)
+    return rows[0][0] if rows else 0

@@ -5,6 +5,7 @@ or offer them as a delegate tool (orchestration), call the brain, run its tool c
 Database work crosses to the sync layer once per transaction."""
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import math
@@ -45,6 +46,7 @@ from chat.errors import ApiError, UpstreamError, api_error_restore
 from chat.models import ApiToken, CustomModel, Execution, Group, GroupAgent, Mode, Step, Tool, ToolExecution
 from chat.selectors import model_endpoint_get
 from chat.services.executions import (
+    ExecutionStart,
     execution_finish,
     execution_start,
     tool_execution_finish,
@@ -534,7 +536,7 @@ async def run_start(
     specs = [tool_spec(t) for t in tools] + (
         [delegate_spec(list(run_agents.values()))] if mode == Mode.ORCHESTRATION else []
     )
-    start = await in_db_thread(
+    start = await _started(
         execution_start,
         token=token,
         group=group,
@@ -561,6 +563,25 @@ async def run_start(
         mode=mode,
         agents=run_agents,
     )
+
+
+async def _started(start: Callable[..., ExecutionStart], **kwargs) -> ExecutionStart:
+    """`start(**kwargs)` in a database thread, seen through when the client goes away meanwhile: the
+    execution it records is then settled as cancelled at once, its hold released, rather than left running
+    for the stale-hold sweep."""
+    recording = asyncio.ensure_future(in_db_thread(start, **kwargs))
+    try:
+        return await asyncio.shield(recording)
+    except asyncio.CancelledError:
+        started = None
+        with contextlib.suppress(Exception):  # refused or failed: nothing was recorded
+            started = await recording
+        if started is not None and not started.replayed:
+            cancelled = Execution.Status.CANCELLED
+            await in_db_thread(
+                execution_finish, execution=started.execution, hold=started.hold, steps=[], status=cancelled
+            )
+        raise
 
 
 def run_resume(

@@ -8,10 +8,16 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from billing.models import Hold
-from billing.services.ledger import hold_create, hold_settle
+from billing.services.ledger import (
+    SETTLED_CHARGE,
+    execution_insert_with_hold,
+    hold_create,
+    hold_settle,
+    hold_settle_with,
+)
 from chat.errors import ApiError, Conflict
 from chat.models import ApiToken, Execution, Group, Step, ToolExecution
-from kitemesh_site.sql import sql_insert, sql_update
+from kitemesh_site.sql import insert_values, single_statement_writes, sql_insert, sql_update, update_statement
 
 
 @dataclass
@@ -58,21 +64,24 @@ def execution_start(
         earlier = _earlier_for_request_id(team_id=group.team_id, request_id=request_id, body_hash=body_hash)
         if earlier is not None:
             return ExecutionStart(execution=earlier, hold=None, replayed=True)
+    execution = Execution(
+        team_id=group.team_id,
+        group=group,
+        token=token,
+        request_id=request_id,
+        client_request_id=client_request_id,
+        request_hash=body_hash,
+        mode=mode,
+        stream=stream,
+        metadata=metadata,
+    )
     try:
-        with transaction.atomic(durable=True):
-            execution = Execution(
-                team_id=group.team_id,
-                group=group,
-                token=token,
-                request_id=request_id,
-                client_request_id=client_request_id,
-                request_hash=body_hash,
-                mode=mode,
-                stream=stream,
-                metadata=metadata,
-            )
-            sql_insert([execution])
-            hold = hold_create(execution=execution, amount=hold_amount) if hold_amount > 0 else None
+        if hold_amount > 0 and single_statement_writes():
+            hold = execution_insert_with_hold(execution=execution, amount=hold_amount)
+        else:
+            with transaction.atomic(durable=True):
+                sql_insert([execution])
+                hold = hold_create(execution=execution, amount=hold_amount) if hold_amount > 0 else None
     except IntegrityError:
         # A concurrent request with the same request_id won the insert: it is in flight.
         raise Conflict(
@@ -89,15 +98,24 @@ def execution_settle(*, execution: Execution, hold: Hold | None, steps: list[Ste
     returns the credits charged for this request."""
     if steps:
         sql_insert(steps)
-    cost = sum((s.cost for s in steps), Decimal(0))
-    charged = hold_settle(hold=hold, cost=cost) if hold is not None else 0
-    execution.prompt_tokens += sum(s.prompt_tokens for s in steps)
-    execution.completion_tokens += sum(s.completion_tokens for s in steps)
+    charged = hold_settle(hold=hold, cost=_cost(steps)) if hold is not None else 0
+    _usage_add(execution, steps)
     execution.credits_charged += charged
     return charged
 
 
-@transaction.atomic(durable=True)
+def _cost(steps: list[Step]) -> Decimal:
+    return sum((s.cost for s in steps), Decimal(0))
+
+
+def _usage_add(execution: Execution, steps: list[Step]) -> None:
+    execution.prompt_tokens += sum(s.prompt_tokens for s in steps)
+    execution.completion_tokens += sum(s.completion_tokens for s in steps)
+
+
+_OUTCOME = ["status", "prompt_tokens", "completion_tokens", "credits_charged", "finished_at", "response", "error"]
+
+
 def execution_finish(
     *,
     execution: Execution,
@@ -107,19 +125,42 @@ def execution_finish(
     response: dict | None = None,
     error: ApiError | None = None,
 ) -> int:
-    """Settle the request and record the run's outcome; returns credits charged for this request.
-    A `response` body gets its final `kitemesh.credits_charged` here. The first result of an execution
-    is kept for replays of its request_id (a resumed run's later answers do not replace it)."""
-    charged = execution_settle(execution=execution, hold=hold, steps=steps)
+    """Settle the request and record the run's outcome, in one transaction; returns credits charged for
+    this request. A `response` body gets its final `kitemesh.credits_charged` here. The first result of
+    an execution is kept for replays of its request_id (a resumed run's later answers do not replace it)."""
     execution.status = status
     execution.finished_at = timezone.now()
+    if error is not None and execution.response is None and response is None:
+        execution.error = {"status": error.status, "type": error.type, "code": error.code, "message": error.message}
+    if hold is not None and single_statement_writes():
+        charged = _finish_in_one_statement(execution, hold, steps, response)
+    else:
+        with transaction.atomic(durable=True):
+            charged = execution_settle(execution=execution, hold=hold, steps=steps)
+            _response_record(execution, response, charged)
+            sql_update(execution, _OUTCOME)
+    return charged
+
+
+def _response_record(execution: Execution, response: dict | None, charged: int) -> None:
     if response is not None:
         response["kitemesh"]["credits_charged"] = charged
         execution.response = execution.response or response
-    if error is not None and execution.response is None:
-        execution.error = {"status": error.status, "type": error.type, "code": error.code, "message": error.message}
-    outcome = ["status", "prompt_tokens", "completion_tokens", "credits_charged", "finished_at", "response", "error"]
-    sql_update(execution, outcome)
+
+
+def _finish_in_one_statement(execution: Execution, hold: Hold, steps: list[Step], response: dict | None) -> int:
+    """execution_finish's writes as one statement (kitemesh_site.sql): the steps, the outcome and the
+    settlement, whose charge the outcome's credits (and stored response) read in the statement."""
+    exprs = {"credits_charged": f"%s + {SETTLED_CHARGE}"}
+    if response is not None and execution.response is None:
+        execution.response = response
+        exprs["response"] = f"jsonb_set(%s, '{{kitemesh,credits_charged}}', to_jsonb({SETTLED_CHARGE}))"
+    _usage_add(execution, steps)
+    writes = [insert_values(steps)] if steps else []
+    writes.append(update_statement(execution, _OUTCOME, **exprs))
+    charged = hold_settle_with(hold=hold, cost=_cost(steps), writes=writes)
+    execution.credits_charged += charged
+    _response_record(execution, response, charged)
     return charged
 
 

@@ -85,13 +85,14 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "transaction_mode": "IMMEDIATE",
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
-elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
-    # Server-side parameter binding lets psycopg prepare the statements every request runs: PostgreSQL
-    # plans them once per connection (20 % less worker CPU a request, README Benchmarks). Behind a
-    # pooler in transaction mode that cannot keep prepared statements, set DATABASE_SERVER_SIDE_BINDING=0.
-    DATABASES["default"].setdefault("OPTIONS", {})["server_side_binding"] = (
-        os.environ.get("DATABASE_SERVER_SIDE_BINDING", "1") != "0"
-    )
+elif (
+    DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
+    and os.environ.get("DATABASE_SERVER_SIDE_BINDING", "1") != "0"
+):
+    # Server-side parameter binding, and psycopg preparing a statement from its fifth run: PostgreSQL
+    # parses and plans the statements every request runs once per connection (README Benchmarks). Behind
+    # a pooler in transaction mode that cannot keep prepared statements, set DATABASE_SERVER_SIDE_BINDING=0.
+    DATABASES["default"].setdefault("OPTIONS", {}).update(server_side_binding=True, prepare_threshold=5)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Auth and pages -------------------------------------------------------------------------------

@@ -13,32 +13,52 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from billing.models import CreditAccount, Hold, LedgerEntry
-from billing.services.ledger import credits_grant, credits_round, hold_create, hold_settle
+from billing.services.ledger import (
+    credits_grant,
+    credits_round,
+    execution_insert_with_hold,
+    hold_create,
+    hold_settle,
+    hold_settle_with,
+)
 from chat.errors import InsufficientCredits, InvalidRequest
 from chat.models import Execution, Team
+from kitemesh_site.sql import single_statement_writes
 from tests.conftest import Setup, make_setup
 
 _request_ids = itertools.count(1)
+# Holds and settlements are written two ways (kitemesh_site.sql): statement by statement in a transaction,
+# and on PostgreSQL the request path's single statements. Every test here runs against both.
+ONE_STATEMENT = "one_statement"
+_one_statement = False  # which way hold() and settle() write: set by the `acme` fixture
 
 
-@pytest.fixture
-def acme(upstream, db) -> Setup:
+@pytest.fixture(params=["transaction", ONE_STATEMENT])
+def acme(request, upstream, db, monkeypatch) -> Setup:
     """A team with a group and no credits yet (each test grants what it needs)."""
+    if request.param == ONE_STATEMENT:
+        if not single_statement_writes():
+            pytest.skip("single-statement writes are PostgreSQL's (the second CI pass runs them)")
+        monkeypatch.setattr(f"{__name__}._one_statement", True)
     return make_setup(upstream, credits=0)
 
 
-def execution_for(setup: Setup) -> Execution:
-    return Execution.objects.create(
-        team=setup.team, group=setup.group, request_id=f"req_x{next(_request_ids)}", mode="normal"
-    )
+def execution_new(setup: Setup) -> Execution:
+    return Execution(team=setup.team, group=setup.group, request_id=f"req_x{next(_request_ids)}", mode="normal")
 
 
 def hold(setup: Setup, amount: int) -> Hold:
+    execution = execution_new(setup)
+    if _one_statement:
+        return execution_insert_with_hold(execution=execution, amount=amount)
     with transaction.atomic():
-        return hold_create(execution=execution_for(setup), amount=amount)
+        execution.save()
+        return hold_create(execution=execution, amount=amount)
 
 
 def settle(h: Hold, cost: Decimal) -> int:
+    if _one_statement:
+        return hold_settle_with(hold=h, cost=cost, writes=[])
     with transaction.atomic():
         return hold_settle(hold=h, cost=cost)
 
@@ -320,8 +340,10 @@ def test_database_refuses_a_negative_balance_or_hold(acme: Setup, field: str):
 def test_database_refuses_a_non_positive_hold(acme: Setup):
     credits_grant(team=acme.team, amount=5, reason="start")
 
+    execution = execution_new(acme)
+    execution.save()
     with pytest.raises(IntegrityError), transaction.atomic():
-        Hold.objects.create(team=acme.team, execution=execution_for(acme), amount=0)
+        Hold.objects.create(team=acme.team, execution=execution, amount=0)
 
 
 def test_the_sweep_releases_holds_of_runs_that_died_and_leaves_live_and_paused_ones(db, upstream):

@@ -11,8 +11,10 @@ import uuid
 import httpx
 import openai
 import pytest
+from django.db import transaction
+from django.utils import timezone
 
-from billing.models import Hold, LedgerEntry
+from billing.models import CreditAccount, Hold, LedgerEntry
 from chat.models import Execution, Step
 from tests.conftest import UPSTREAM_API_KEY, Setup, make_setup
 from tests.support.helpers import credits, wait_for
@@ -294,6 +296,28 @@ def test_client_disconnect_stops_the_upstream_and_bills_what_was_produced(live, 
     assert credits(http, setup) == {"object": "credit_balance", "team": "acme", "balance": 1000 - charged, "held": 0}
     kinds = sorted(LedgerEntry.objects.filter(execution=execution).values_list("kind", flat=True))
     assert kinds == ["charge", "hold", "release"]
+    assert Hold.objects.get(execution=execution).status == Hold.Status.SETTLED
+
+
+def test_a_client_gone_while_its_execution_is_recorded_gets_it_settled_at_once(live, http, setup, upstream):
+    # The credit account is locked (a row lock on PostgreSQL, the write lock on SQLite), so the request
+    # waits inside the statement that records its execution and hold, and the client gives up there.
+    with transaction.atomic():
+        CreditAccount.objects.select_for_update().filter(team=setup.team).update(updated_at=timezone.now())
+        with pytest.raises(httpx.ReadTimeout):
+            http.post("/v1/chat/completions", json=body_for(setup), headers=setup.headers, timeout=1)
+        assert not Execution.objects.filter(team=setup.team).exists()
+
+    execution = wait_for(
+        lambda: Execution.objects.filter(team=setup.team).exclude(status=Execution.Status.RUNNING).first(),
+        10,
+        "the execution recorded after the client left was never settled",
+    )
+    assert execution.status == Execution.Status.CANCELLED
+    assert (execution.credits_charged, upstream.received) == (0, [])
+    assert credits(http, setup)["held"] == 0
+    kinds = sorted(LedgerEntry.objects.filter(execution=execution).values_list("kind", flat=True))
+    assert kinds == ["hold", "release"]
     assert Hold.objects.get(execution=execution).status == Hold.Status.SETTLED
 
 

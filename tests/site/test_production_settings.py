@@ -60,6 +60,7 @@ def _postgres_options(**overrides: str) -> str:
     return result.stdout
 
 
-def test_postgresql_binds_parameters_server_side_unless_turned_off_for_a_pooler():
-    assert "'server_side_binding': True" in _postgres_options()
-    assert "'server_side_binding': False" in _postgres_options(DATABASE_SERVER_SIDE_BINDING="0")
+def test_postgresql_prepares_statements_unless_turned_off_for_a_pooler():
+    assert "'server_side_binding': True, 'prepare_threshold': 5" in _postgres_options()
+    options = _postgres_options(DATABASE_SERVER_SIDE_BINDING="0")
+    assert "server_side_binding" not in options and "prepare_threshold" not in options
