@@ -1,10 +1,13 @@
 """Where the request path's database work runs, and the upkeep of its connections.
 
-Each transaction of the API's request path is one hop to a thread (`in_db_thread`). On SQLite that is
-asgiref's one long-lived thread: writers serialise on the file anyway. On PostgreSQL it is a small pool
-(`KITEMESH_DB_THREADS`), each thread with its own persistent connection, so one request's round trips
-overlap another's instead of queueing behind them (README, Benchmarks)."""
+Each transaction of the API's request path is one hop to a thread of a small pool (`in_db_thread`), each
+thread with its own persistent connection: one thread on SQLite, whose writers serialise on the file
+anyway; `KITEMESH_DB_THREADS` on PostgreSQL, so one request's round trips overlap another's instead of
+queueing behind them (README, Benchmarks). A hop is a plain `run_in_executor` with the caller's context:
+asgiref's sync_to_async costs twice as much CPU a hop."""
 
+import asyncio
+import contextvars
 import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,11 +42,10 @@ def connections_closed_per_request() -> bool:
 
 
 @functools.cache
-def _pool() -> ThreadPoolExecutor | None:
-    """The threads PostgreSQL's work overlaps on; None where the database serialises writers (SQLite)."""
-    if connections[DEFAULT_DB_ALIAS].vendor == "sqlite" or settings.KITEMESH_DB_THREADS < 1:
-        return None
-    return ThreadPoolExecutor(max_workers=settings.KITEMESH_DB_THREADS, thread_name_prefix="kitemesh-db")
+def _pool() -> ThreadPoolExecutor:
+    sqlite = connections[DEFAULT_DB_ALIAS].vendor == "sqlite"
+    threads = 1 if sqlite else max(settings.KITEMESH_DB_THREADS, 1)
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kitemesh-db")
 
 
 def _pooled(work: Callable[..., T], kwargs: dict[str, Any]) -> T:
@@ -58,7 +60,7 @@ def _pooled(work: Callable[..., T], kwargs: dict[str, Any]) -> T:
 
 async def in_db_thread(work: Callable[..., T], /, **kwargs: Any) -> T:
     """Run `work(**kwargs)` (one transaction, or one read) off the event loop."""
-    pool = _pool() if pool_allowed.get() else None
-    if pool is None:
+    if not pool_allowed.get():
         return await sync_to_async(work)(**kwargs)
-    return await sync_to_async(_pooled, thread_sensitive=False, executor=pool)(work, kwargs)
+    context = contextvars.copy_context()  # the request's (its id, for logs)
+    return await asyncio.get_running_loop().run_in_executor(_pool(), context.run, _pooled, work, kwargs)

@@ -21,10 +21,10 @@ def _db() -> BaseDatabaseWrapper:
 
 
 def sql_rows(statement: str, params: Sequence[Any]) -> list[tuple]:
-    """Run one statement; its rows (none for a write without RETURNING)."""
+    """Run one statement that returns rows (a SELECT, or a write with RETURNING); its rows."""
     with _db().cursor() as cursor:
         cursor.execute(statement, params)
-        return cursor.fetchall() if cursor.description else []
+        return cursor.fetchall()
 
 
 def sql_count(statement: str, params: Sequence[Any]) -> int:
@@ -98,16 +98,19 @@ def sql_update(obj: Model, fields: Sequence[str]) -> int:
 def update_statement(obj: Model, fields: Sequence[str], **exprs: str) -> tuple[str, list[Any]]:
     """The UPDATE of save(update_fields=fields); `exprs` gives SQL for some fields' values, in which %s
     stands for the value the field would write."""
-    meta, db = obj._meta, _db()
-    quote = db.ops.quote_name
-    assignments, params = [], []
-    for name in fields:
-        field = meta.get_field(name)
-        assignments.append(f"{quote(field.column)} = {exprs.get(name, '%s')}")
-        params.append(field.get_db_prep_save(field.pre_save(obj, False), db))
-    params.append(meta.pk.get_db_prep_value(obj.pk, db))
-    table, pk = quote(meta.db_table), quote(meta.pk.column)
-    return f"UPDATE {table} SET {', '.join(assignments)} WHERE {pk} = %s", params
+    db = _db()
+    statement, columns = _update_statement(type(obj), tuple(fields), tuple(exprs.items()))
+    params = [f.get_db_prep_save(f.pre_save(obj, False), db) for f in columns]
+    params.append(obj._meta.pk.get_db_prep_value(obj.pk, db))
+    return statement, params
+
+
+@functools.cache
+def _update_statement(model: type[Model], fields: tuple[str], exprs: tuple[tuple[str, str]]) -> tuple[str, list[Field]]:
+    meta, quote, values = model._meta, _db().ops.quote_name, dict(exprs)
+    columns = [meta.get_field(name) for name in fields]
+    assignments = ", ".join(f"{quote(f.column)} = {values.get(f.name, '%s')}" for f in columns)
+    return f"UPDATE {quote(meta.db_table)} SET {assignments} WHERE {quote(meta.pk.column)} = %s", columns
 
 
 # --- Several writes in one statement (PostgreSQL) --------------------------------------------------
@@ -131,12 +134,14 @@ def insert_select(obj: Model, source: str, **exprs: str) -> tuple[str, list[Any]
     """The INSERT of a new instance as sql_insert writes it, selected FROM `source` (a WITH query: no row
     there, nothing inserted), with the SQL `exprs` in place of some columns' values."""
     db = _db()
-    into, fields = _insert_fields(type(obj))
-    values, params = [], []
-    for f in fields:
-        if f.column in exprs:
-            values.append(exprs[f.column])
-        else:
-            values.append("%s")
-            params.append(f.get_db_prep_save(f.pre_save(obj, True), db))
-    return f"INSERT INTO {into} SELECT {', '.join(values)} FROM {source}", params
+    statement, fields = _insert_select_statement(type(obj), source, tuple(exprs.items()))
+    return statement, [f.get_db_prep_save(f.pre_save(obj, True), db) for f in fields]
+
+
+@functools.cache
+def _insert_select_statement(model: type[Model], source: str, exprs: tuple[tuple[str, str]]) -> tuple[str, list[Field]]:
+    """The statement, and the fields whose values are its parameters."""
+    into, fields = _insert_fields(model)
+    values = dict(exprs)
+    selected = ", ".join(values.get(f.column, "%s") for f in fields)
+    return f"INSERT INTO {into} SELECT {selected} FROM {source}", [f for f in fields if f.column not in values]

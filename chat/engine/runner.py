@@ -9,7 +9,6 @@ import contextlib
 import hashlib
 import json
 import math
-import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -52,7 +51,7 @@ from chat.services.executions import (
     tool_execution_finish,
     tool_execution_start,
 )
-from chat.wire import SSE_DONE, ChatRequest, chunk_body, completion_body, error_body, sse_event
+from chat.wire import SSE_DONE, ChatRequest, chunk_body, completion_body, error_body, random_hex, sse_event
 from kitemesh_site.db import in_db_thread
 from kitemesh_site.metrics import tool_run_count, upstream_call_observe, upstream_error_count
 
@@ -115,7 +114,7 @@ class Run:
     resumed_round: list[ToolExecution] = field(default_factory=list)  # decided calls to run first
     reserved: int = 0  # worst case of the steps taken or started, covered by `hold`
     steps: list[Step] = field(default_factory=list)
-    completion_id: str = field(default_factory=lambda: "chatcmpl_" + secrets.token_hex(12))
+    completion_id: str = field(default_factory=lambda: "chatcmpl_" + random_hex())
     created: int = field(default_factory=lambda: int(time.time()))
     settlement: asyncio.Future | None = field(default=None, repr=False)  # the one finish of this request
 

@@ -127,7 +127,8 @@ def execution_finish(
 ) -> int:
     """Settle the request and record the run's outcome, in one transaction; returns credits charged for
     this request. A `response` body gets its final `kitemesh.credits_charged` here. The first result of
-    an execution is kept for replays of its request_id (a resumed run's later answers do not replace it)."""
+    an execution is kept for replays of its client's request_id (a resumed run's later answers do not
+    replace it)."""
     execution.status = status
     execution.finished_at = timezone.now()
     if error is not None and execution.response is None and response is None:
@@ -145,14 +146,21 @@ def execution_finish(
 def _response_record(execution: Execution, response: dict | None, charged: int) -> None:
     if response is not None:
         response["kitemesh"]["credits_charged"] = charged
-        execution.response = execution.response or response
+        if _response_kept(execution):
+            execution.response = execution.response or response
+
+
+def _response_kept(execution: Execution) -> bool:
+    """A response is stored for replays of its client's request_id; an execution without one is never
+    replayed, so its response is not written (nor encoded a second time)."""
+    return execution.client_request_id
 
 
 def _finish_in_one_statement(execution: Execution, hold: Hold, steps: list[Step], response: dict | None) -> int:
     """execution_finish's writes as one statement (kitemesh_site.sql): the steps, the outcome and the
     settlement, whose charge the outcome's credits (and stored response) read in the statement."""
     exprs = {"credits_charged": f"%s + {SETTLED_CHARGE}"}
-    if response is not None and execution.response is None:
+    if response is not None and execution.response is None and _response_kept(execution):
         execution.response = response
         exprs["response"] = f"jsonb_set(%s, '{{kitemesh,credits_charged}}', to_jsonb({SETTLED_CHARGE}))"
     _usage_add(execution, steps)
