@@ -260,7 +260,8 @@ def notes_section(output: dict) -> list[str]:
     return [
         "## How each number was measured",
         "",
-        "- **Servers.** Each server under test runs alone, one uvicorn worker, auth on: KiteMesh "
+        "- **Servers.** Every server under test is up for the whole run (an idle one costs no CPU), one uvicorn "
+        "worker each, auth on: KiteMesh "
         "(`uvicorn kitemesh_site.asgi:application --workers 1`, `DJANGO_DEBUG=0`, log level WARNING, a `km_…` "
         f"token; main column on {'PostgreSQL' if s['kitemesh_db'] == 'postgres' else 'SQLite'}, fresh database "
         "each run) and LiteLLM proxy (`litellm --num_workers 1`, master key, prices set in `model_info`, no "
@@ -268,9 +269,13 @@ def notes_section(output: dict) -> list[str]:
         "parses HTTP as KiteMesh's does). Both call the same fake upstream (`bench/upstream.py`: raw asyncio HTTP/1.1, "
         f"TCP_NODELAY, {s['upstream_latency_ms']:g} ms model latency), so every difference is the gateway. "
         "Direct is the fake upstream alone.",
-        f"- **Non-stream** ({driver}, `wrk --latency -t1 -cN -d{s['duration']:g}s` with bench/post.lua): "
-        f"a {s['sse_tokens']}-token JSON completion; p50/p99 are wrk's latency distribution, throughput its "
-        f"Requests/sec. A {s['warmup']:g} s warm-up at c=16 comes first. Added latency = KiteMesh − direct.",
+        f"- **Non-stream** ({driver}, `wrk --latency -t1 -cN` with bench/post.lua): a {s['sse_tokens']}-token "
+        f"JSON completion, {s['duration']:g} s per target and concurrency, interleaved: {s.get('rounds', 1)} "
+        "round(s) in which every target is measured in turn at each concurrency, so a change in the machine's "
+        "speed during the run affects every column alike. Throughput = all rounds' requests ÷ their time; "
+        "p50/p99 = the median of the rounds' own (wrk's latency distribution). A "
+        f"{s['warmup']:g} s warm-up at c=16 comes first. Added latency = KiteMesh − direct. The other scenarios "
+        "run afterwards, one server at a time.",
         f"- **SSE** (bench/load.py sse): {s['sse_streams']} streams, {s['sse_concurrency']} at a time, each "
         f"{s['sse_tokens']} tokens at {s['sse_tokens_per_second']:g} tokens/s with `include_usage`. TTFB = request "
         "sent → first SSE event carrying text; inter-chunk gap = time between consecutive text-carrying events "

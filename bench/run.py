@@ -1,8 +1,9 @@
 """`make bench`: measures KiteMesh's cost per request and its streaming capacity against the direct fake
 upstream and against LiteLLM proxy, on this machine, in one run; writes bench/results.md and results.json.
 
-Each server under test runs alone (one uvicorn worker, pinned to CPU 0), measured by drivers pinned with the
-fake upstream to CPU 1. Durations come from the environment (BENCH_DURATION, …, see Settings); `--quick` is a
+Each server under test is one uvicorn worker pinned to CPU 0, measured by drivers pinned with the fake upstream
+to CPU 1. The non-stream scenarios are interleaved across the servers in rounds; the others run one server at
+a time. Durations come from the environment (BENCH_DURATION, …, see Settings); `--quick` is a
 smoke run that writes bench/.run/results-quick.* instead.
 """
 
@@ -14,6 +15,7 @@ import json
 import os
 import resource
 import secrets
+import statistics
 import subprocess
 import sys
 import time
@@ -53,7 +55,8 @@ class Settings:
     """What the run does; every number can be set from the environment."""
 
     quick: bool
-    duration: float  # seconds per non-stream measurement and for the approval scenario
+    duration: float  # seconds per non-stream measurement (over all rounds) and for the approval scenario
+    rounds: int  # the non-stream measurements are interleaved across targets in this many rounds
     warmup: float
     sse_tokens: int
     sse_tokens_per_second: float
@@ -74,6 +77,7 @@ class Settings:
         return cls(
             quick=quick,
             duration=num("BENCH_DURATION", 10, 2),
+            rounds=int(num("BENCH_ROUNDS", 3, 1)),
             warmup=num("BENCH_WARMUP", 3, 1),
             sse_tokens=int(num("BENCH_SSE_TOKENS", 200, 40)),
             sse_tokens_per_second=num("BENCH_SSE_TOKENS_PER_SECOND", 50, 50),
@@ -303,15 +307,71 @@ def verify(endpoint: Endpoint) -> dict:
     return {"usage": body.get("usage"), "kitemesh": body.get("kitemesh")}
 
 
-def measure_target(run: Run, target: Target, upstream: Service, scenarios: set[str]) -> None:
-    settings, pin = run.settings, run.pin
+def prepare_target(run: Run, target: Target) -> bool:
+    """One checked request, then a warm-up: connections, pools and lazily built state exist before
+    anything is timed. False when the target does not answer properly."""
     run.attempt(target, "verify", lambda: verify(target.chat))
     if "failed" in target.results["verify"]:
-        return
-    # Warm-up: connections, pools and lazily built state exist before anything is timed.
-    run.attempt(target, "warmup", lambda: nonstream_run(target.chat, 16, settings.warmup, pin.driver))
-    for connections in CONCURRENCIES:
-        run.attempt(target, f"nonstream_c{connections}", lambda c=connections: nonstream_measure(run, target, c))
+        return False
+    run.attempt(target, "warmup", lambda: nonstream_run(target.chat, 16, run.settings.warmup, run.pin.driver))
+    return True
+
+
+def nonstream_rounds(run: Run, targets: list[Target]) -> None:
+    """The non-stream scenarios, interleaved: every target in turn at each concurrency, `rounds` times,
+    each time for duration / rounds. On a shared VM whose speed drifts during a run, the drift then hits
+    every column alike instead of whichever target was measured at the time."""
+    settings = run.settings
+    seconds = settings.duration / settings.rounds
+    measured: dict[tuple[str, int], list[dict]] = {(t.key, c): [] for t in targets for c in CONCURRENCIES}
+    for round_number in range(1, settings.rounds + 1):
+        for connections in CONCURRENCIES:
+            for target in targets:
+                print(f"  round {round_number}: {target.key} c={connections} …", flush=True)
+                try:
+                    result = nonstream_measure(run, target, connections, seconds)
+                except (DriverError, RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as exc:
+                    run.failures.append(f"{target.key} / nonstream_c{connections} round {round_number}: {exc}")
+                    print(f"    failed: {exc}", flush=True)
+                    continue
+                measured[(target.key, connections)].append(result)
+    for target in targets:
+        for connections in CONCURRENCIES:
+            rounds = measured[(target.key, connections)]
+            key = f"nonstream_c{connections}"
+            target.results[key] = rounds_merge(rounds) if rounds else {"failed": "every round failed"}
+
+
+def rounds_merge(rounds: list[dict]) -> dict:
+    """One scenario's rounds as one result: requests and CPU summed, latency percentiles the median of
+    the rounds' (each round's own, as wrk reports them)."""
+    requests = sum(r["requests"] or 0 for r in rounds)
+    seconds = sum(r["worker"]["wall_s"] for r in rounds)
+    cpu_s = sum(r["worker"]["cpu_s"] for r in rounds)
+    errors: dict[str, int] = {}
+    for r in rounds:
+        for kind, count in r["errors"]["by_kind"].items():
+            errors[kind] = errors.get(kind, 0) + count
+    return {
+        "driver": rounds[0]["driver"],
+        "requests": requests,
+        "requests_per_s": requests / seconds if seconds else None,
+        "p50_ms": statistics.median(r["p50_ms"] for r in rounds),
+        "p99_ms": statistics.median(r["p99_ms"] for r in rounds),
+        "errors": {"total": sum(errors.values()), "by_kind": errors},
+        "worker": {
+            "cpu_s": cpu_s,
+            "wall_s": seconds,
+            "cpu_percent": 100 * cpu_s / seconds if seconds else 0.0,
+            "peak_rss_mb": max(r["worker"]["peak_rss_mb"] for r in rounds),
+        },
+        "cpu_ms_per_request": 1000 * cpu_s / requests if requests else None,
+        "rounds": [{k: r[k] for k in ("requests", "requests_per_s", "p50_ms", "p99_ms")} for r in rounds],
+    }
+
+
+def scenarios_measure(run: Run, target: Target, upstream: Service, scenarios: set[str]) -> None:
+    """The scenarios measured for one target alone: SSE, concurrent streams, approvals."""
     if "sse" in scenarios:
         run.attempt(target, "sse", lambda: sse_measure(run, target))
     if "streams" in scenarios:
@@ -320,10 +380,10 @@ def measure_target(run: Run, target: Target, upstream: Service, scenarios: set[s
         run.attempt(target, "approvals", lambda: approvals_measure(run, target, upstream))
 
 
-def nonstream_measure(run: Run, target: Target, connections: int) -> dict:
+def nonstream_measure(run: Run, target: Target, connections: int, seconds: float) -> dict:
     """wrk's numbers plus the worker's CPU time per request: the gateway's cost, whatever the client sees."""
     with Sampler(target.service.worker_pid()) as sampler:
-        result = nonstream_run(target.chat, connections, run.settings.duration, run.pin.driver)
+        result = nonstream_run(target.chat, connections, seconds, run.pin.driver)
     worker = sampler.as_dict()
     requests = result.get("requests")
     cpu_per_request = 1000 * worker["cpu_s"] / requests if requests else None
@@ -378,42 +438,50 @@ def log_findings(service: Service) -> dict:
 # --- The run --------------------------------------------------------------------------------------
 
 
-def run_gateway(run: Run, start: Callable[[], Target], upstream: Service, scenarios: set[str]) -> Target | None:
-    """Start one gateway, measure it alone, stop it, keep what its log says."""
+def gateway_start(run: Run, key: str, start: Callable[[], Target]) -> Target | None:
+    print(f"== starting {key}", flush=True)
     try:
-        target = start()
+        return start()
     except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as exc:
-        run.failures.append(f"start-up: {exc}")
+        run.failures.append(f"{key} start-up: {exc}")
         print(f"  start-up failed: {exc}", flush=True)
         return None
-    try:
-        measure_target(run, target, upstream, scenarios)
-    finally:
-        target.service.stop()
+
+
+def gateway_stop(target: Target) -> None:
+    target.service.stop()
     target.results["log"] = log_findings(target.service)
-    return target
 
 
 def run_all(run: Run, selected: list[str]) -> None:
+    """All servers up (an idle one costs nothing); the non-stream scenarios interleaved across them; then
+    each server's other scenarios with no other load, each gateway stopped when it is done."""
     settings = run.settings
     upstream = start_upstream(run)
     everything = {"sse", "streams", "approvals"}
-    if "direct" in selected:
-        print("== direct", flush=True)
-        target = direct_target(upstream, settings)
-        measure_target(run, target, upstream, everything)  # the upstream keeps running for the gateways
-        run.results["direct"] = target.results
-    gateways: list[tuple[str, Callable[[], Target], set[str]]] = [
+    starts: list[tuple[str, Callable[[], Target], set[str]]] = [
+        ("direct", lambda: direct_target(upstream, settings), everything),
         ("kitemesh", lambda: kitemesh_start(run, upstream, settings.kitemesh_db, "kitemesh"), everything),
         ("kitemesh_sqlite", lambda: kitemesh_start(run, upstream, "sqlite", "kitemesh_sqlite"), set()),
         ("litellm", lambda: litellm_start(run, upstream), everything),
     ]
-    for key, start, scenarios in gateways:
-        if key in selected:
-            print(f"== {key}", flush=True)
-            target = run_gateway(run, start, upstream, scenarios)
-            if target is not None:
-                run.results[key] = target.results
+    targets: list[tuple[Target, set[str]]] = []
+    for key, start, scenarios in starts:
+        target = gateway_start(run, key, start) if key in selected else None
+        if target is not None:
+            run.results[key] = target.results
+            if prepare_target(run, target):
+                targets.append((target, scenarios))
+            elif target.key != "direct":
+                gateway_stop(target)
+    print("== non-stream, interleaved", flush=True)
+    nonstream_rounds(run, [target for target, _ in targets])
+    for target, scenarios in targets:
+        if scenarios:
+            print(f"== {target.key}", flush=True)
+            scenarios_measure(run, target, upstream, scenarios)
+        if target.key != "direct":  # the upstream keeps running for the gateways
+            gateway_stop(target)
 
 
 def parse_args() -> argparse.Namespace:
