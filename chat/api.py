@@ -1,5 +1,7 @@
 """The OpenAI-compatible API. Views only speak HTTP: parse, call the engine or a selector, answer."""
 
+import functools
+import inspect
 import uuid
 from collections.abc import AsyncIterator
 
@@ -135,9 +137,31 @@ class ApiView(APIView):
 
     content_negotiation_class = _JsonAnswers
 
+    async def async_dispatch(self, request: HttpRequest, *args, **kwargs) -> HttpResponseBase:
+        """adrf's, with DRF's `initial` (authentication: the token's read) run as the rest of the request's
+        database work is (kitemesh_site.db.in_db_thread): on PostgreSQL several requests' token reads
+        overlap, and the hop costs half of asgiref's."""
+        self.args, self.kwargs = args, kwargs
+        request = self.request = self.initialize_request(request, *args, **kwargs)
+        self.headers = self.default_response_headers
+        try:
+            await in_db_thread(functools.partial(self.initial, request, *args, **kwargs))
+            method = request.method.lower()
+            handler = getattr(self, method, None) if method in self.http_method_names else None
+            if handler is None:
+                self.http_method_not_allowed(request, *args, **kwargs)  # raises MethodNotAllowed
+            if inspect.iscoroutinefunction(handler):
+                response = await handler(request, *args, **kwargs)
+            else:  # DRF's own, OPTIONS
+                response = await in_db_thread(functools.partial(handler, request, *args, **kwargs))
+        except Exception as exc:
+            response = self.handle_exception(exc)
+        self.response = self.finalize_response(request, response, *args, **kwargs)
+        return self.response
+
     def initial(self, request: Request, *args, **kwargs) -> None:
-        # Runs in the thread hop adrf makes for authentication; the API handler sends no request signals,
-        # so the database connection upkeep they would do happens here.
+        # Runs in a thread hop; the API handler sends no request signals, so the database connection
+        # upkeep they would do happens here (the sync views' only hop is Django's, to this thread).
         connections_upkeep()
         super().initial(request, *args, **kwargs)
 
