@@ -414,6 +414,16 @@ def test_same_request_id_and_body_replays_the_first_result(live, http, setup: Se
     assert credits(http, setup) == {"object": "credit_balance", "team": "acme", "balance": 1000 - 24, "held": 0}
 
 
+def test_a_response_is_stored_only_for_a_clients_request_id(live, http, setup: Setup, upstream):
+    # Only a client's request_id is ever replayed, so only its response is kept, with the final charge.
+    kept = chat(http, setup, metadata={"request_id": "req_idem_kept"}).json()
+    unkept = chat(http, setup).json()
+
+    stored = Execution.objects.get(id=kept["kitemesh"]["execution_id"]).response
+    assert stored == kept and stored["kitemesh"]["credits_charged"] > 0
+    assert Execution.objects.get(id=unkept["kitemesh"]["execution_id"]).response is None
+
+
 def test_same_request_id_with_a_different_body_is_a_409(live, http, setup: Setup, upstream):
     first = chat(http, setup, metadata={"request_id": "req_idem_2"}, messages=[{"role": "user", "content": "A"}])
     second = chat(http, setup, metadata={"request_id": "req_idem_2"}, messages=[{"role": "user", "content": "B"}])
