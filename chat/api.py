@@ -9,7 +9,7 @@ from adrf.views import APIView
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework.negotiation import BaseContentNegotiation
-from rest_framework.renderers import BaseRenderer
+from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -91,14 +91,22 @@ def _body(request: Request) -> dict:
     return body
 
 
+def _json_response(body: dict) -> HttpResponse:
+    """What a DRF Response of `body` renders to, without building one: the hot path's answer."""
+    return HttpResponse(_JSON.render(body), content_type=_JSON.media_type)
+
+
+_JSON = JSONRenderer()
+
+
 async def _answer(run: Run | Replay, chat_request: ChatRequest, slots: list[str]) -> HttpResponseBase:
     if isinstance(run, Replay):
         if chat_request.stream:
             return await _sse_response(replay_stream(run.body(), chat_request.include_usage), slots)
-        return Response(run.body())
+        return _json_response(run.body())
     if chat_request.stream:
         return await _sse_response(run_stream(run), slots)
-    return Response(await run_complete(run))
+    return _json_response(await run_complete(run))
 
 
 async def _group_for_run(token: ApiToken, group_id: uuid.UUID) -> GroupForRun:
@@ -170,7 +178,7 @@ class ApiView(APIView):
         it in a thread hop of its own."""
         response = super().finalize_response(request, response, *args, **kwargs)
         if not isinstance(response, Response):
-            return response  # a stream
+            return response  # a stream, or an answer rendered already
         response.render()
         return HttpResponse(response.content, status=response.status_code, headers=response.headers)
 

@@ -60,7 +60,12 @@ def _pooled(work: Callable[..., T], kwargs: dict[str, Any]) -> T:
 
 async def in_db_thread(work: Callable[..., T], /, **kwargs: Any) -> T:
     """Run `work(**kwargs)` (one transaction, or one read) off the event loop."""
+    return await db_future(work, **kwargs)
+
+
+def db_future(work: Callable[..., T], /, **kwargs: Any) -> asyncio.Future[T]:
+    """in_db_thread's work, started: its future, for a caller that shields it from cancellation."""
     if not pool_allowed.get():
-        return await sync_to_async(work)(**kwargs)
+        return asyncio.ensure_future(sync_to_async(work)(**kwargs))
     context = contextvars.copy_context()  # the request's (its id, for logs)
-    return await asyncio.get_running_loop().run_in_executor(_pool(), context.run, _pooled, work, kwargs)
+    return asyncio.get_running_loop().run_in_executor(_pool(), context.run, _pooled, work, kwargs)

@@ -52,7 +52,7 @@ from chat.services.executions import (
     tool_execution_start,
 )
 from chat.wire import SSE_DONE, ChatRequest, chunk_body, completion_body, error_body, random_hex, sse_event
-from kitemesh_site.db import in_db_thread
+from kitemesh_site.db import db_future, in_db_thread
 from kitemesh_site.metrics import tool_run_count, upstream_call_observe, upstream_error_count
 
 MAX_TOOL_ROUNDS = 8  # brain calls that ask for tools, in a row, before the run is stopped
@@ -192,16 +192,14 @@ class Run:
         of what it used; and when it disconnects while the settlement runs, the caller's cleanup awaits
         that same settlement instead of starting another."""
         if self.settlement is None:
-            self.settlement = asyncio.ensure_future(
-                in_db_thread(
-                    execution_finish,
-                    execution=self.execution,
-                    hold=self.hold,
-                    steps=self.steps,
-                    status=status,
-                    response=response,
-                    error=error,
-                )
+            self.settlement = db_future(
+                execution_finish,
+                execution=self.execution,
+                hold=self.hold,
+                steps=self.steps,
+                status=status,
+                response=response,
+                error=error,
             )
         return await asyncio.shield(self.settlement)
 
@@ -568,7 +566,7 @@ async def _started(start: Callable[..., ExecutionStart], **kwargs) -> ExecutionS
     """`start(**kwargs)` in a database thread, seen through when the client goes away meanwhile: the
     execution it records is then settled as cancelled at once, its hold released, rather than left running
     for the stale-hold sweep."""
-    recording = asyncio.ensure_future(in_db_thread(start, **kwargs))
+    recording = db_future(start, **kwargs)
     try:
         return await asyncio.shield(recording)
     except asyncio.CancelledError:
