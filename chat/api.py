@@ -167,11 +167,11 @@ class ApiView(APIView):
         self.response = self.finalize_response(request, response, *args, **kwargs)
         return self.response
 
-    def initial(self, request: Request, *args, **kwargs) -> None:
-        # Runs in a thread hop; the API handler sends no request signals, so the database connection
-        # upkeep they would do happens here (the sync views' only hop is Django's, to this thread).
+    def sync_dispatch(self, request: HttpRequest, *args, **kwargs) -> HttpResponseBase:
+        # The read endpoints run whole in Django's thread hop. The API handler sends no request signals,
+        # so the connection upkeep they would do happens here (the pool's threads do their own).
         connections_upkeep()
-        super().initial(request, *args, **kwargs)
+        return super().sync_dispatch(request, *args, **kwargs)
 
     def finalize_response(self, request: Request, response: HttpResponseBase, *args, **kwargs) -> HttpResponseBase:
         """A DRF Response is rendered here, on the event loop (it is one json.dumps): Django would render
