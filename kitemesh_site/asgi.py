@@ -41,9 +41,9 @@ class ApiHandler(ASGIHandler):
 
     async def handle(self, scope, receive, send) -> None:
         """Django's handle without the request_started and request_finished signals, whose receivers
-        are sync (two thread hops a request): the API's database connection upkeep runs in the hop its
-        views make for authentication (chat.api.ApiView.initial), and after the response only when
-        connections are closed per request. API responses hold nothing to close."""
+        are sync (two thread hops a request): the API's database connection upkeep runs in the threads
+        its work goes to (kitemesh_site.db's pool, chat.api.ApiView.sync_dispatch), and after the response
+        only when connections are closed per request. API responses hold nothing to close."""
         try:
             body_file = await self.read_body(receive)
         except RequestAborted:
