@@ -16,6 +16,7 @@ from rest_framework.response import Response
 from approvals.selectors import approval_for_team_get, approval_with_calls_get
 from approvals.services import approval_expire, approval_resume_claim
 from billing.selectors import credit_account_get
+from chat.authentication import bearer_secret
 from chat.engine.runner import (
     Replay,
     Run,
@@ -27,7 +28,7 @@ from chat.engine.runner import (
     run_stream,
 )
 from chat.engine.tools import arguments_redact
-from chat.errors import InvalidRequest, NotFound
+from chat.errors import AuthenticationError, InvalidRequest, NotFound
 from chat.models import ApiToken
 from chat.openapi import (
     approval_detail_schema,
@@ -45,6 +46,7 @@ from chat.selectors import (
     group_list_for_token,
 )
 from chat.services.rate_limits import request_admit, stream_admit, stream_release
+from chat.services.tokens import INVALID_TOKEN_MESSAGE, token_authenticate, token_recent
 from chat.wire import (
     ChatRequest,
     ResumeRequest,
@@ -153,7 +155,7 @@ class ApiView(APIView):
         request = self.request = self.initialize_request(request, *args, **kwargs)
         self.headers = self.default_response_headers
         try:
-            await in_db_thread(functools.partial(self.initial, request, *args, **kwargs))
+            await self.async_initial(request, *args, **kwargs)
             method = request.method.lower()
             handler = getattr(self, method, None) if method in self.http_method_names else None
             if handler is None:
@@ -163,9 +165,16 @@ class ApiView(APIView):
             else:  # DRF's own, OPTIONS
                 response = await in_db_thread(functools.partial(handler, request, *args, **kwargs))
         except Exception as exc:
-            response = self.handle_exception(exc)
+            response = self.handle_exception(await self.exception_answered(request, exc))
         self.response = self.finalize_response(request, response, *args, **kwargs)
         return self.response
+
+    async def async_initial(self, request: Request, *args, **kwargs) -> None:
+        await in_db_thread(functools.partial(self.initial, request, *args, **kwargs))
+
+    async def exception_answered(self, request: Request, exc: Exception) -> Exception:
+        """The error to answer for `exc`."""
+        return exc
 
     def sync_dispatch(self, request: HttpRequest, *args, **kwargs) -> HttpResponseBase:
         # The read endpoints run whole in Django's thread hop. The API handler sends no request signals,
@@ -184,6 +193,25 @@ class ApiView(APIView):
 
 
 class ChatCompletionCreateApi(ApiView):
+    """The hot path. A token this process read within KITEMESH_CONFIG_CACHE_SECONDS is taken without
+    reading it again (chat.services.tokens.token_recent), since the statement that starts the run checks
+    it is still live (execution_start); an error before the run starts is answered only once the token
+    has been read, so a revoked token gets its 401 whatever else is wrong with the request."""
+
+    async def async_initial(self, request: Request, *args, **kwargs) -> None:
+        token = token_recent(bearer_secret(request))
+        if token is None:
+            return await super().async_initial(request, *args, **kwargs)
+        request.user = request.auth = token
+        request.token_unconfirmed = True
+        self.initial(request, *args, **kwargs)  # no database: the user is known
+
+    async def exception_answered(self, request: Request, exc: Exception) -> Exception:
+        if not getattr(request, "token_unconfirmed", False) or isinstance(exc, AuthenticationError):
+            return exc
+        live = await in_db_thread(token_authenticate, raw=bearer_secret(request))
+        return exc if live is not None else AuthenticationError(INVALID_TOKEN_MESSAGE)
+
     @chat_completion_schema
     async def post(self, request: Request) -> HttpResponseBase:
         chat_request = chat_request_parse(_body(request))
@@ -203,6 +231,7 @@ class ChatCompletionCreateApi(ApiView):
             request=chat_request,
             request_id=request._request.kitemesh_request_id,
         )
+        request.token_unconfirmed = False  # the run's start found it live
         return await _answer(run, chat_request, slots)
 
 

@@ -5,18 +5,23 @@ from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.request import Request
 
 from chat.models import ApiToken
-from chat.services.tokens import token_authenticate
+from chat.services.tokens import INVALID_TOKEN_MESSAGE, token_authenticate
+
+
+def bearer_secret(request: Request) -> str:
+    """The secret of an `Authorization: Bearer …` header; "" when there is none."""
+    scheme, _, raw = request.META.get("HTTP_AUTHORIZATION", "").partition(" ")
+    return raw.strip() if scheme.lower() == "bearer" else ""
 
 
 class ApiTokenAuthentication(BaseAuthentication):
     def authenticate(self, request: Request) -> tuple[ApiToken, ApiToken] | None:
-        scheme, _, raw = request.META.get("HTTP_AUTHORIZATION", "").partition(" ")
-        raw = raw.strip()
-        if scheme.lower() != "bearer" or not raw:
+        raw = bearer_secret(request)
+        if not raw:
             return None  # DRF answers NotAuthenticated: "Missing Bearer API token"
         token = token_authenticate(raw)
         if token is None:
-            raise AuthenticationFailed("Invalid, expired or revoked API token.")
+            raise AuthenticationFailed(INVALID_TOKEN_MESSAGE)
         return token, token
 
     def authenticate_header(self, request: Request) -> str:

@@ -69,7 +69,8 @@ class GroupForRun:
 # id), and teams (their rate limits apply to every request), (expires at, team) by id. Reading a group
 # costs several queries that compile slowly, for configuration that rarely changes. Changes made in this
 # process clear the cache at once (chat.apps connects config_cache_clear); other processes see them within
-# KITEMESH_CONFIG_CACHE_SECONDS. Tokens are read on every request, so revocation is immediate.
+# KITEMESH_CONFIG_CACHE_SECONDS. Tokens are checked on every request, so revocation is immediate
+# (chat.services.tokens).
 _run_config: dict[tuple[int, uuid.UUID], tuple[float, GroupForRun]] = {}
 _RUN_CONFIG_MAX_ENTRIES = 10_000
 _teams: dict[int, tuple[float, Team]] = {}
@@ -80,11 +81,16 @@ def config_cache_clear(**_signal_kwargs) -> None:
     _teams.clear()
 
 
+def team_cached(*, team_id: int) -> Team | None:
+    """The team when the config cache holds it fresh (no database: callable from async code)."""
+    cached = _teams.get(team_id)
+    return cached[1] if cached is not None and cached[0] > time.monotonic() else None
+
+
 def team_get(*, team_id: int) -> Team:
     """The team, through the per-process config cache (its name and rate limits are configuration)."""
-    cached = _teams.get(team_id)
-    if cached is not None and cached[0] > time.monotonic():
-        return cached[1]
+    if (team := team_cached(team_id=team_id)) is not None:
+        return team
     team = Team.objects.get(pk=team_id)
     _teams[team_id] = (time.monotonic() + settings.KITEMESH_CONFIG_CACHE_SECONDS, team)
     return team

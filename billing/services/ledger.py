@@ -44,10 +44,9 @@ def _account_lock(team_id: int) -> _Account:
 
 
 # Moves `amount` into `held` when the team has it available, locking the row; (amount, team, amount).
-_RESERVE = (
-    "UPDATE billing_creditaccount SET held = held + %s WHERE team_id = %s AND balance - held >= %s"
-    " RETURNING balance, held"
-)
+_RESERVE_WHERE = "UPDATE billing_creditaccount SET held = held + %s WHERE team_id = %s AND balance - held >= %s"
+_RESERVE_RETURNING = " RETURNING balance, held"
+_RESERVE = _RESERVE_WHERE + _RESERVE_RETURNING
 HOLD_REFUSAL = "This request may cost up to {amount} credits; the team has {available} available."
 
 
@@ -215,30 +214,43 @@ def holds_release_stale(*, older_than_seconds: int) -> int:
 # --- The request path on PostgreSQL: each of its transactions one statement (kitemesh_site.sql) -----
 
 
-def execution_insert_with_hold(*, execution: Execution, amount: int) -> Hold:
-    """Insert a new execution and reserve its hold, as sql_insert and hold_create would, in one statement:
-    nothing is written when the team cannot cover `amount` (InsufficientCredits)."""
+def execution_insert_with_hold(*, execution: Execution, amount: int, gate: tuple[str, list]) -> Hold | None:
+    """Insert a new execution and reserve its hold, as sql_insert and hold_create would, in one statement,
+    when the query `gate` (SQL, parameters) returns a row: None, and nothing written, when it returns none.
+    Nothing is written either when the team cannot cover `amount` (InsufficientCredits).
+
+    Its commit does not wait for the WAL flush (synchronous_commit off for this transaction alone): it is
+    seen by every other transaction at once, as any commit, and the request's settlement, which waits for
+    its own flush, makes it durable too. A server crash in between loses a request that was in flight, with
+    its hold: what the stale-hold sweep would have done with it (release it, charge nothing)."""
     team_id = execution.team_id
     hold = Hold(team_id=team_id, execution=execution, amount=amount)
     entry = LedgerEntry(
         team_id=team_id, kind=LedgerEntry.Kind.HOLD, amount=amount, execution=execution, balance_after=0, held_after=0
     )
+    gate_sql, gate_params = gate
     execution_sql, execution_params = insert_select(execution, "account")
     hold_sql, hold_params = insert_select(hold, "account")
     entry_sql, entry_params = insert_select(
         entry, "account", balance_after="account.balance", held_after="account.held"
     )
     rows = sql_rows(
-        f"WITH account AS ({_RESERVE}), execution AS ({execution_sql}), hold AS ({hold_sql} RETURNING id),"
-        f" entry AS ({entry_sql}) SELECT id FROM hold",
-        [amount, team_id, amount, *execution_params, *hold_params, *entry_params],
+        f"WITH gate AS ({gate_sql}), account AS ({_RESERVE_WHERE} AND EXISTS (SELECT FROM gate){_RESERVE_RETURNING}),"
+        f" execution AS ({execution_sql}), hold AS ({hold_sql} RETURNING id), entry AS ({entry_sql})"
+        f" SELECT EXISTS (SELECT FROM gate), (SELECT id FROM hold) FROM ({_COMMIT_WITHOUT_FLUSH}) AS commit_mode",
+        [*gate_params, amount, team_id, amount, *execution_params, *hold_params, *entry_params],
     )
-    if not rows:
+    opened, hold.pk = rows[0]
+    if not opened:
+        return None
+    if hold.pk is None:
         raise _refused(team_id, amount, HOLD_REFUSAL)
-    hold.pk = rows[0][0]
     saved([execution, hold])
     return hold
 
+
+# For the transaction of the statement that selects it.
+_COMMIT_WITHOUT_FLUSH = "SELECT set_config('synchronous_commit', 'off', true)"
 
 # What the settlement of hold_settle_with charged, for the writes that run in its statement.
 SETTLED_CHARGE = "COALESCE((SELECT charge FROM settled), 0)"

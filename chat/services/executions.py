@@ -15,8 +15,9 @@ from billing.services.ledger import (
     hold_settle,
     hold_settle_with,
 )
-from chat.errors import ApiError, Conflict
+from chat.errors import ApiError, AuthenticationError, Conflict
 from chat.models import ApiToken, Execution, Group, Step, ToolExecution
+from chat.services.tokens import INVALID_TOKEN_MESSAGE, token_live_check, token_live_query
 from kitemesh_site.sql import insert_values, single_statement_writes, sql_insert, sql_update, update_statement
 
 
@@ -58,11 +59,14 @@ def execution_start(
     metadata: dict,
     hold_amount: int,
 ) -> ExecutionStart:
-    """Record the execution and hold its worst case (InsufficientCredits when the team cannot cover it).
-    A client request_id seen before returns the earlier execution instead (replayed=True)."""
+    """Record the execution and hold its worst case (InsufficientCredits when the team cannot cover it),
+    if the token is still live (AuthenticationError when it was revoked or expired since it was read: the
+    API may have read it a few seconds ago). A client request_id seen before returns the earlier execution
+    instead (replayed=True)."""
     if client_request_id:
         earlier = _earlier_for_request_id(team_id=group.team_id, request_id=request_id, body_hash=body_hash)
         if earlier is not None:
+            token_live_check(token)
             return ExecutionStart(execution=earlier, hold=None, replayed=True)
     execution = Execution(
         team_id=group.team_id,
@@ -77,9 +81,12 @@ def execution_start(
     )
     try:
         if hold_amount > 0 and single_statement_writes():
-            hold = execution_insert_with_hold(execution=execution, amount=hold_amount)
+            hold = execution_insert_with_hold(execution=execution, amount=hold_amount, gate=token_live_query(token))
+            if hold is None:
+                raise AuthenticationError(INVALID_TOKEN_MESSAGE)
         else:
             with transaction.atomic(durable=True):
+                token_live_check(token)
                 sql_insert([execution])
                 hold = hold_create(execution=execution, amount=hold_amount) if hold_amount > 0 else None
     except IntegrityError:

@@ -9,7 +9,7 @@ from decimal import Decimal
 
 import pytest
 from django.core.management import call_command
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from billing.models import CreditAccount, Hold, LedgerEntry
@@ -31,6 +31,7 @@ _request_ids = itertools.count(1)
 # and on PostgreSQL the request path's single statements. Every test here runs against both.
 ONE_STATEMENT = "one_statement"
 _one_statement = False  # which way hold() and settle() write: set by the `acme` fixture
+OPEN_GATE = ("SELECT 1", [])
 
 
 @pytest.fixture(params=["transaction", ONE_STATEMENT])
@@ -50,7 +51,7 @@ def execution_new(setup: Setup) -> Execution:
 def hold(setup: Setup, amount: int) -> Hold:
     execution = execution_new(setup)
     if _one_statement:
-        return execution_insert_with_hold(execution=execution, amount=amount)
+        return execution_insert_with_hold(execution=execution, amount=amount, gate=OPEN_GATE)
     with transaction.atomic():
         execution.save()
         return hold_create(execution=execution, amount=amount)
@@ -179,6 +180,26 @@ def test_hold_beyond_what_is_available_is_refused_and_writes_nothing(acme: Setup
     assert LedgerEntry.objects.count() == entries
     assert Hold.objects.count() == 1
     assert account(acme.team).held == 70
+
+
+def test_a_closed_gate_writes_nothing_and_refuses_nothing(acme: Setup):
+    """The single statement's gate (the request's token still live) is checked before any write."""
+    if not _one_statement:
+        pytest.skip("the gate is the single statement's")
+    credits_grant(team=acme.team, amount=100, reason="start")
+    entries = LedgerEntry.objects.count()
+
+    assert (
+        execution_insert_with_hold(execution=execution_new(acme), amount=10, gate=("SELECT 1 WHERE false", [])) is None
+    )
+    # It says so even when the team could not have covered the hold.
+    assert (
+        execution_insert_with_hold(execution=execution_new(acme), amount=999, gate=("SELECT 1 WHERE false", [])) is None
+    )
+
+    assert LedgerEntry.objects.count() == entries
+    assert not Hold.objects.exists() and not Execution.objects.exists()
+    assert (account(acme.team).balance, account(acme.team).held) == (100, 0)
 
 
 def test_hold_without_any_credits_is_refused(acme: Setup):
@@ -368,3 +389,29 @@ def test_the_sweep_releases_holds_of_runs_that_died_and_leaves_live_and_paused_o
     account = CreditAccount.objects.get(team=setup.team)
     assert (account.balance, account.held) == (100, 20)
     assert LedgerEntry.objects.filter(team=setup.team, kind="release", execution=runs["dead"].execution).count() == 1
+
+
+def _synchronous_commit() -> str:
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        return cursor.fetchone()[0]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_single_statement_start_skips_the_flush_for_its_own_transaction_only(upstream):
+    """The start's commit does not wait for the WAL flush (its settlement's does); the setting must not
+    reach the connection's next transactions."""
+    if not single_statement_writes():
+        pytest.skip("single-statement writes are PostgreSQL's (the second CI pass runs them)")
+    setup = make_setup(upstream, credits=100)
+    assert _synchronous_commit() == "on"
+
+    hold_ = execution_insert_with_hold(execution=execution_new(setup), amount=10, gate=OPEN_GATE)
+    assert _synchronous_commit() == "on"  # the statement was its own transaction
+    with transaction.atomic():  # inside a transaction, it applies to that transaction
+        execution_insert_with_hold(execution=execution_new(setup), amount=10, gate=OPEN_GATE)
+        assert _synchronous_commit() == "off"
+    assert _synchronous_commit() == "on"
+
+    assert hold_settle_with(hold=hold_, cost=Decimal(3), writes=[]) == 3
+    assert _synchronous_commit() == "on"

@@ -8,9 +8,11 @@ from datetime import timedelta
 
 import pytest
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from chat.models import ApiToken, Group
+from billing.models import CreditAccount, LedgerEntry
+from chat.models import ApiToken, Execution, Group
 from chat.services.tokens import token_create, token_revoke
 from tests.conftest import Setup, make_setup
 
@@ -132,6 +134,83 @@ def test_revoked_token_is_401(client, setup: Setup, upstream):
     for method, path in ENDPOINTS:
         assert unauthorized(call(client, method, path, setup, f"Bearer {setup.raw_token}"))["message"] != MISSING
     assert upstream.received == []
+
+
+# --- A token revoked or expired after this worker read it ------------------------------------------
+# A completion takes a token its worker read in the last seconds without reading it again; the statement
+# that starts the run checks it is still live (chat.services.tokens.token_recent).
+
+
+def _completion(client, setup: Setup, **body):
+    payload = {"model": setup.model, "messages": [{"role": "user", "content": "Hi"}]} | body
+    data = json.dumps(payload)
+    return client.post("/v1/chat/completions", data=data, content_type="application/json", **_auth(setup))
+
+
+def _auth(setup: Setup) -> dict:
+    return {"HTTP_AUTHORIZATION": f"Bearer {setup.raw_token}"}
+
+
+def _written(setup: Setup) -> tuple:
+    account = CreditAccount.objects.get(team=setup.team)
+    return Execution.objects.count(), LedgerEntry.objects.count(), account.balance, account.held
+
+
+def _token_rows_read(queries: CaptureQueriesContext) -> list[str]:
+    return [q["sql"] for q in queries.captured_queries if "FROM chat_apitoken WHERE prefix" in q["sql"]]
+
+
+@pytest.mark.parametrize("ends", ["revoked", "expired"])
+def test_a_token_that_ended_since_its_last_request_starts_nothing(client, setup: Setup, upstream, ends):
+    assert _completion(client, setup).status_code == 200  # the worker has read the token
+    before, calls = _written(setup), len(upstream.received)
+    if ends == "revoked":
+        assert token_revoke(token=setup.token) is True
+    else:  # changed behind the worker's back: no signal clears its caches
+        ApiToken.objects.filter(pk=setup.token.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+
+    with CaptureQueriesContext(connection) as queries:
+        response = _completion(client, setup)
+
+    unauthorized(response)
+    assert _token_rows_read(queries) == []  # refused by the run's start, not by a fresh read
+    assert len(upstream.received) == calls
+    assert _written(setup) == before
+
+
+def test_a_revoked_token_cannot_replay_its_earlier_answer(client, setup: Setup, upstream):
+    metadata = {"request_id": "req_before_revocation"}
+    assert _completion(client, setup, metadata=metadata).status_code == 200
+    assert _completion(client, setup, metadata=metadata).status_code == 200  # the replay, while live
+    assert token_revoke(token=setup.token) is True
+
+    unauthorized(_completion(client, setup, metadata=metadata))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param({"messages": []}, id="invalid-body"),
+        pytest.param({"model": f"group:{uuid.UUID(int=7)}"}, id="unknown-group"),
+        pytest.param({"metadata": {"request_id": "x" * 129}}, id="invalid-request-id"),
+    ],
+)
+def test_a_revoked_token_gets_its_401_before_any_other_error(client, setup: Setup, upstream, body):
+    assert _completion(client, setup).status_code == 200
+    assert _completion(client, setup, **body).status_code in (400, 404)  # what a live token gets
+    assert token_revoke(token=setup.token) is True
+
+    unauthorized(_completion(client, setup, **body))
+
+
+def test_a_recently_read_token_is_not_read_again_by_a_completion(client, setup: Setup, upstream):
+    assert _completion(client, setup).status_code == 200
+
+    with CaptureQueriesContext(connection) as queries:
+        assert _completion(client, setup).status_code == 200
+        assert client.get("/v1/credits", **_auth(setup)).status_code == 200
+
+    assert len(_token_rows_read(queries)) == 1  # /v1/credits reads it; the completion did not
 
 
 def test_lowercase_bearer_scheme_is_accepted(client, setup: Setup):
