@@ -3,6 +3,7 @@ guard that answers 413 before a large body is read; lifespan handled here; other
 
 import asyncio
 import contextlib
+import gc
 import os
 
 from asgiref.sync import sync_to_async
@@ -131,6 +132,14 @@ async def _body_limited(scope, receive, send) -> None:
         await _send_too_large(send)
 
 
+def _startup_objects_freeze() -> None:
+    """Leave what start-up built (Django, DRF, the modules: a few hundred thousand objects that live as
+    long as the process) out of the cyclic garbage collector's full collections, which otherwise scan all
+    of it every few hundred requests: tens of milliseconds of p99 latency under load (README, Benchmarks)."""
+    gc.collect()
+    gc.freeze()
+
+
 async def _lifespan(scope, receive, send) -> None:
     while True:
         message = await receive()
@@ -140,6 +149,7 @@ async def _lifespan(scope, receive, send) -> None:
             except Exception as exc:
                 await send({"type": "lifespan.startup.failed", "message": str(exc)})
                 return
+            _startup_objects_freeze()
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             await upstream_session_close()
