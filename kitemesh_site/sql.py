@@ -124,10 +124,9 @@ def single_statement_writes() -> bool:
 
 
 def insert_values(objs: Sequence[Model]) -> tuple[str, list[Any]]:
-    """The INSERT sql_insert runs for `objs`, as part of a WITH (ids are not read back)."""
-    into, fields = _insert_fields(type(objs[0]))
-    row = "(" + ", ".join(["%s"] * len(fields)) + ")"
-    return f"INSERT INTO {into} VALUES {', '.join([row] * len(objs))}", _insert_params(objs, fields)
+    """The INSERT sql_insert runs for `objs`, as part of a WITH (the ids it returns are not read back)."""
+    statement, fields = _insert_statement(type(objs[0]), len(objs), _db().vendor)
+    return statement, _insert_params(objs, fields)
 
 
 def insert_select(obj: Model, source: str, **exprs: str) -> tuple[str, list[Any]]:

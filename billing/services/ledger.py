@@ -249,7 +249,7 @@ def execution_insert_with_hold(*, execution: Execution, amount: int, gate: tuple
     return hold
 
 
-# For the transaction of the statement that selects it.
+# synchronous_commit off for the transaction of the statement that selects it, and for nothing after it.
 _COMMIT_WITHOUT_FLUSH = "SELECT set_config('synchronous_commit', 'off', true)"
 
 # What the settlement of hold_settle_with charged, for the writes that run in its statement.
