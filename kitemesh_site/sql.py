@@ -11,6 +11,7 @@ from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.backends.utils import CursorWrapper
 from django.db.models import Field, Model
 
 
@@ -20,18 +21,31 @@ def _db() -> BaseDatabaseWrapper:
     return connections[DEFAULT_DB_ALIAS]
 
 
+def _cursor() -> CursorWrapper:
+    """A cursor of the thread's connection, made once per connection and kept for these statements:
+    making one costs as much as running a short statement (README, Benchmarks). With Django's query
+    logging on (DEBUG, a test capturing queries), a new one each time, so the statement is logged."""
+    db = _db()
+    kept = getattr(db, "_kitemesh_cursor", None)
+    if kept is not None and kept[0] is db.connection and not db.queries_logged:
+        return kept[1]
+    cursor = db.cursor()  # (connecting when the connection is closed)
+    db._kitemesh_cursor = (db.connection, cursor)
+    return cursor
+
+
 def sql_rows(statement: str, params: Sequence[Any]) -> list[tuple]:
     """Run one statement that returns rows (a SELECT, or a write with RETURNING); its rows."""
-    with _db().cursor() as cursor:
-        cursor.execute(statement, params)
-        return cursor.fetchall()
+    cursor = _cursor()
+    cursor.execute(statement, params)
+    return cursor.fetchall()
 
 
 def sql_count(statement: str, params: Sequence[Any]) -> int:
     """Run one write; how many rows it changed."""
-    with _db().cursor() as cursor:
-        cursor.execute(statement, params)
-        return cursor.rowcount
+    cursor = _cursor()
+    cursor.execute(statement, params)
+    return cursor.rowcount
 
 
 def for_update() -> str:
@@ -144,3 +158,16 @@ def _insert_select_statement(model: type[Model], source: str, exprs: tuple[tuple
     values = dict(exprs)
     selected = ", ".join(values.get(f.column, "%s") for f in fields)
     return f"INSERT INTO {into} SELECT {selected} FROM {source}", [f for f in fields if f.column not in values]
+
+
+@functools.cache
+def insert_derived(model: type[Model], source: str, exprs: tuple[tuple[str, str], ...]) -> str:
+    """The INSERT of a row of `model` for each row of `source` (WITH queries), every column given as SQL
+    by `exprs` ((column, expression) pairs): a row made from rows the same statement writes, with no
+    instance to build and no parameters. A column without an expression is an error, so a field added
+    to the model cannot be left out silently."""
+    into, fields = _insert_fields(model)
+    values = dict(exprs)
+    if missing := [f.column for f in fields if f.column not in values]:
+        raise ValueError(f"insert_derived: no value for {model.__name__} column(s) {', '.join(missing)}")
+    return f"INSERT INTO {into} SELECT {', '.join(values[f.column] for f in fields)} FROM {source}"

@@ -1,6 +1,7 @@
 """Every change to a team's credits: lock the account row, check, write the ledger entry, update the
 account — in one transaction. Nothing else writes CreditAccount."""
 
+import functools
 import math
 from dataclasses import dataclass
 from datetime import timedelta
@@ -13,7 +14,16 @@ from django.utils import timezone
 from billing.models import CreditAccount, Hold, LedgerEntry
 from chat.errors import InsufficientCredits, InvalidRequest
 from chat.models import Execution, Team
-from kitemesh_site.sql import db_value, for_update, insert_select, saved, sql_count, sql_insert, sql_rows
+from kitemesh_site.sql import (
+    db_value,
+    for_update,
+    insert_derived,
+    insert_select,
+    saved,
+    sql_count,
+    sql_insert,
+    sql_rows,
+)
 
 
 def credits_round(exact: Decimal) -> int:
@@ -225,20 +235,15 @@ def execution_insert_with_hold(*, execution: Execution, amount: int, gate: tuple
     its hold: what the stale-hold sweep would have done with it (release it, charge nothing)."""
     team_id = execution.team_id
     hold = Hold(team_id=team_id, execution=execution, amount=amount)
-    entry = LedgerEntry(
-        team_id=team_id, kind=LedgerEntry.Kind.HOLD, amount=amount, execution=execution, balance_after=0, held_after=0
-    )
     gate_sql, gate_params = gate
     execution_sql, execution_params = insert_select(execution, "account")
     hold_sql, hold_params = insert_select(hold, "account")
-    entry_sql, entry_params = insert_select(
-        entry, "account", balance_after="account.balance", held_after="account.held"
-    )
     rows = sql_rows(
         f"WITH gate AS ({gate_sql}), account AS ({_RESERVE_WHERE} AND EXISTS (SELECT FROM gate){_RESERVE_RETURNING}),"
-        f" execution AS ({execution_sql}), hold AS ({hold_sql} RETURNING id), entry AS ({entry_sql})"
+        f" execution AS ({execution_sql}), hold AS ({hold_sql} RETURNING {_HOLD_RETURNING}),"
+        f" entry AS ({_hold_entry_sql()})"
         f" SELECT EXISTS (SELECT FROM gate), (SELECT id FROM hold) FROM ({_COMMIT_WITHOUT_FLUSH}) AS commit_mode",
-        [*gate_params, amount, team_id, amount, *execution_params, *hold_params, *entry_params],
+        [*gate_params, amount, team_id, amount, *execution_params, *hold_params],
     )
     opened, hold.pk = rows[0]
     if not opened:
@@ -247,6 +252,42 @@ def execution_insert_with_hold(*, execution: Execution, amount: int, gate: tuple
         raise _refused(team_id, amount, HOLD_REFUSAL)
     saved([execution, hold])
     return hold
+
+
+_HOLD_RETURNING = "id, team_id, execution_id, amount, created_at"
+
+
+@functools.cache
+def _hold_entry_sql() -> str:
+    """The hold's ledger entry, made from the hold and account rows of execution_insert_with_hold."""
+    return insert_derived(
+        LedgerEntry,
+        "hold, account",
+        _entry_columns(
+            kind=f"'{LedgerEntry.Kind.HOLD}'",
+            amount="hold.amount",
+            balance_after="account.balance",
+            held_after="account.held",
+            row="hold",
+        ),
+    )
+
+
+def _entry_columns(*, kind: str, amount: str, balance_after: str, held_after: str, row: str) -> tuple:
+    """A request's ledger entry as SQL expressions, for insert_derived: its team, execution and time from
+    the team_id, execution_id and created_at of the WITH query `row`; no reason, no actor (as the ORM
+    writes an entry that names none)."""
+    return (
+        ("team_id", f"{row}.team_id"),
+        ("kind", kind),
+        ("amount", amount),
+        ("balance_after", balance_after),
+        ("held_after", held_after),
+        ("execution_id", f"{row}.execution_id"),
+        ("reason", "''"),
+        ("actor_id", "NULL"),
+        ("created_at", f"{row}.created_at"),
+    )
 
 
 # synchronous_commit off for the transaction of the statement that selects it, and for nothing after it.
@@ -262,36 +303,36 @@ _SETTLED_ENTRIES = (
 )
 
 
+@functools.cache
+def _settled_entries_sql() -> str:
+    return insert_derived(
+        LedgerEntry,
+        _SETTLED_ENTRIES,
+        _entry_columns(
+            kind="e.kind", amount="e.amount", balance_after="e.balance_after", held_after="settled.held", row="settled"
+        ),
+    )
+
+
 def hold_settle_with(*, hold: Hold, cost: Decimal, writes: list[tuple[str, list]]) -> int:
     """hold_settle in one statement that also runs the caller's `writes` (SQL and parameters), which may
     read the credits charged as SETTLED_CHARGE. The charge is capped as hold_settle caps it; a hold
     settled already is charged nothing. Returns the credits charged."""
     settled_at = db_value(Hold, "settled_at", timezone.now())
-    template = LedgerEntry(
-        team_id=hold.team_id, kind="", amount=0, balance_after=0, held_after=0, execution_id=hold.execution_id
-    )
-    entries_sql, entries_params = insert_select(
-        template,
-        _SETTLED_ENTRIES,
-        kind="e.kind",
-        amount="e.amount",
-        balance_after="e.balance_after",
-        held_after="settled.held",
-    )
     statement = (
         "WITH closed AS (UPDATE billing_hold SET status = %s, settled_at = %s WHERE id = %s AND status = %s"
-        " RETURNING amount),"
+        " RETURNING amount, execution_id, settled_at),"
         f" locked AS (SELECT balance, held FROM billing_creditaccount WHERE team_id = %s{for_update()}),"
-        " priced AS (SELECT closed.amount, GREATEST(LEAST(%s, locked.balance - locked.held + closed.amount), 0)"
-        " AS charge FROM closed, locked),"
+        " priced AS (SELECT closed.amount, closed.execution_id, closed.settled_at,"
+        " GREATEST(LEAST(%s, locked.balance - locked.held + closed.amount), 0) AS charge FROM closed, locked),"
         " settled AS (UPDATE billing_creditaccount SET balance = balance - priced.charge,"
-        " held = held - priced.amount FROM priced WHERE team_id = %s"
-        " RETURNING balance, held, priced.amount, priced.charge),"
-        f" entries AS ({entries_sql})"
+        " held = held - priced.amount FROM priced WHERE team_id = %s RETURNING team_id, balance, held,"
+        " priced.amount, priced.charge, priced.execution_id, priced.settled_at AS created_at),"
+        f" entries AS ({_settled_entries_sql()})"
         + "".join(f", write{i} AS ({sql})" for i, (sql, _) in enumerate(writes))
         + " SELECT charge FROM settled"
     )
     params = [Hold.Status.SETTLED, settled_at, hold.pk, Hold.Status.ACTIVE, hold.team_id, credits_round(cost)]
-    params += [hold.team_id, *entries_params, *(p for _, write_params in writes for p in write_params)]
+    params += [hold.team_id, *(p for _, write_params in writes for p in write_params)]
     rows = sql_rows(statement, params)
     return rows[0][0] if rows else 0

@@ -77,6 +77,8 @@ DATABASES = {
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Django's backend, converting each statement's placeholders once (kitemesh_site.sqlite3).
+    DATABASES["default"]["ENGINE"] = "kitemesh_site.sqlite3"
     # Several writers (API requests, commands) share one file: wait for the lock instead of failing.
     # WAL lets pages read while the API writes; synchronous=NORMAL syncs at checkpoints rather than at
     # every commit (a power cut may lose the last commits, never corrupt the file).

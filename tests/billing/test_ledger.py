@@ -158,6 +158,8 @@ def test_hold_reserves_credits_and_writes_a_hold_entry(acme: Setup):
     entry = last_entry(acme.team)
     assert (entry.kind, entry.amount, entry.execution_id) == ("hold", 40, h.execution_id)
     assert (entry.balance_after, entry.held_after) == (100, 40)
+    assert (entry.reason, entry.actor_id) == ("", None)
+    assert timedelta(0) <= entry.created_at - Hold.objects.get(pk=h.pk).created_at < timedelta(seconds=5)
 
 
 def test_hold_may_use_exactly_what_is_available(acme: Setup):
@@ -242,6 +244,9 @@ def test_settle_releases_the_hold_and_charges_the_cost_rounded_up(acme: Setup):
     assert (charge.balance_after, charge.held_after) == (87, 0)
     h.refresh_from_db()
     assert h.status == "settled" and h.settled_at is not None
+    for entry in (release, charge):
+        assert (entry.reason, entry.actor_id) == ("", None)
+        assert abs(entry.created_at - h.settled_at) < timedelta(seconds=5)
     assert_ledger_matches_account(acme.team)
 
 

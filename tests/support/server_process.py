@@ -25,10 +25,10 @@ STOP_TIMEOUT = 15.0
 def database_url_of_this_run() -> str:
     """A DATABASE_URL naming the database this test run uses (the test database, not the configured one)."""
     db = connection.settings_dict
-    if db["ENGINE"] == "django.db.backends.sqlite3":
+    if connection.vendor == "sqlite":
         path = Path(db["NAME"]).resolve()
         return f"sqlite:///{path}"
-    if db["ENGINE"] == "django.db.backends.postgresql":
+    if connection.vendor == "postgresql":
         user = quote(db.get("USER") or "", safe="")
         password = quote(db.get("PASSWORD") or "", safe="")
         credentials = f"{user}:{password}@" if password else (f"{user}@" if user else "")
