@@ -273,7 +273,9 @@ def _hold_entry_sql() -> str:
     )
 
 
-def _entry_columns(*, kind: str, amount: str, balance_after: str, held_after: str, row: str) -> tuple:
+def _entry_columns(
+    *, kind: str, amount: str, balance_after: str, held_after: str, row: str
+) -> tuple[tuple[str, str], ...]:
     """A request's ledger entry as SQL expressions, for insert_derived: its team, execution and time from
     the team_id, execution_id and created_at of the WITH query `row`; no reason, no actor (as the ORM
     writes an entry that names none)."""
