@@ -1,7 +1,9 @@
 """Read queries for the API: groups a token may use, and what a model call needs."""
 
+import functools
 import time
 import uuid
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -10,8 +12,9 @@ from django.db.models import Exists, OuterRef, QuerySet
 
 from chat.engine.providers import ModelEndpoint
 from chat.errors import NotFound, PermissionDenied
-from chat.models import ApiToken, CustomModel, Execution, Group, GroupAgent, GroupFallback, Team, Tool
+from chat.models import ApiToken, CustomModel, Execution, Group, GroupAgent, GroupFallback, Team, Tool, VaultSecret
 from chat.services.vault import vault_decrypt
+from kitemesh_site.sql import M, db_value, sql_instances
 
 _TokenGroups = ApiToken.groups.through
 _TokenExcludedGroups = ApiToken.excluded_groups.through
@@ -33,25 +36,77 @@ def _in_scope(obj: Group | Tool) -> bool:
     return (obj.scope_selects or not obj.scope_selects_some) and not obj.scope_excludes
 
 
+# The configuration a run reads on a cache miss is read by written-out statements through raw(), which
+# compiles nothing: the ORM's compiler took 5 ms for the group's query alone (README, Benchmarks).
+
+
 def group_for_token_get(*, token: ApiToken, group_id: uuid.UUID) -> Group:
-    """The group a request names, with its brain; 404 when the team has no such group, 403 when the
-    token's scope leaves it out."""
-    group = (
-        _groups_with_scope(token)
-        .select_related("brain", "brain__api_key_secret", "team")
-        .annotate(
-            has_agents=Exists(GroupAgent.objects.filter(group=OuterRef("pk"))),
-            has_tools=Exists(Group.tools.through.objects.filter(group_id=OuterRef("pk"))),
-            has_fallbacks=Exists(GroupFallback.objects.filter(group=OuterRef("pk"))),
-        )
-        .filter(pk=group_id)
-        .first()
-    )
-    if group is None:
+    """The group a request names, with its team and brain; 404 when the team has no such group, 403 when
+    the token's scope leaves it out."""
+    params = [token.pk, token.pk, token.pk, token.team_id, db_value(Group, "id", group_id)]
+    found = sql_instances(Group, _group_with_scope_statement(), params)
+    if not found:
         raise NotFound(f"The model 'group:{group_id}' does not exist.", param="model", code="model_not_found")
+    group = found[0]
     if not _in_scope(group):
         raise PermissionDenied(f"This API token may not use 'group:{group_id}'.", param="model")
+    group.team = team_get(team_id=group.team_id)
+    group.brain = _models_with_secrets([group.brain_id])[group.brain_id]
     return group
+
+
+@functools.cache
+def _group_with_scope_statement() -> str:
+    """A team's group by id, annotated as _groups_with_scope annotates, and with whether it has agents,
+    tools and fallbacks."""
+    group, agent, fallback = (m._meta.db_table for m in (Group, GroupAgent, GroupFallback))
+    chosen, excluded, tools = (m._meta.db_table for m in (_TokenGroups, _TokenExcludedGroups, Group.tools.through))
+    return (
+        f"SELECT g.*, EXISTS (SELECT 1 FROM {chosen} WHERE apitoken_id = %s) AS scope_selects_some,"
+        f" EXISTS (SELECT 1 FROM {chosen} WHERE apitoken_id = %s AND group_id = g.id) AS scope_selects,"
+        f" EXISTS (SELECT 1 FROM {excluded} WHERE apitoken_id = %s AND group_id = g.id) AS scope_excludes,"
+        f" EXISTS (SELECT 1 FROM {agent} WHERE group_id = g.id) AS has_agents,"
+        f" EXISTS (SELECT 1 FROM {tools} WHERE group_id = g.id) AS has_tools,"
+        f" EXISTS (SELECT 1 FROM {fallback} WHERE group_id = g.id) AS has_fallbacks"
+        f" FROM {group} g WHERE g.team_id = %s AND g.id = %s"
+    )
+
+
+@functools.cache
+def _tools_with_scope_statement() -> str:
+    """A group's tools by name, annotated with the token's scope as _groups_with_scope annotates groups."""
+    tool, group_tools = Tool._meta.db_table, Group.tools.through._meta.db_table
+    chosen, excluded = _TokenTools._meta.db_table, _TokenExcludedTools._meta.db_table
+    return (
+        f"SELECT t.*, EXISTS (SELECT 1 FROM {chosen} WHERE apitoken_id = %s) AS scope_selects_some,"
+        f" EXISTS (SELECT 1 FROM {chosen} WHERE apitoken_id = %s AND tool_id = t.id) AS scope_selects,"
+        f" EXISTS (SELECT 1 FROM {excluded} WHERE apitoken_id = %s AND tool_id = t.id) AS scope_excludes"
+        f" FROM {tool} t JOIN {group_tools} gt ON gt.tool_id = t.id WHERE gt.group_id = %s ORDER BY t.name"
+    )
+
+
+def _by_group_statement(model: type[GroupAgent | GroupFallback]) -> str:
+    return f"SELECT * FROM {model._meta.db_table} WHERE group_id = %s ORDER BY position, id"
+
+
+def _by_ids(model: type[M], ids: Collection[int]) -> list[M]:
+    if not ids:
+        return []
+    statement = f"SELECT * FROM {model._meta.db_table} WHERE id IN ({', '.join(['%s'] * len(ids))})"
+    return sql_instances(model, statement, list(ids))
+
+
+def _secrets_by_id(ids: Iterable[int | None]) -> dict[int, VaultSecret]:
+    return {s.pk: s for s in _by_ids(VaultSecret, {i for i in ids if i is not None})}
+
+
+def _models_with_secrets(ids: Collection[int]) -> dict[int, CustomModel]:
+    """Custom models by id, each with its API key's secret loaded, as model_endpoint_get expects."""
+    models = _by_ids(CustomModel, set(ids))
+    secrets = _secrets_by_id(m.api_key_secret_id for m in models)
+    for model in models:
+        model.api_key_secret = secrets.get(model.api_key_secret_id)
+    return {m.pk: m for m in models}
 
 
 @dataclass
@@ -91,7 +146,10 @@ def team_get(*, team_id: int) -> Team:
     """The team, through the per-process config cache (its name and rate limits are configuration)."""
     if (team := team_cached(team_id=team_id)) is not None:
         return team
-    team = Team.objects.get(pk=team_id)
+    found = _by_ids(Team, [team_id])
+    if not found:
+        raise Team.DoesNotExist(f"No team {team_id}.")
+    team = found[0]
     _teams[team_id] = (time.monotonic() + settings.KITEMESH_CONFIG_CACHE_SECONDS, team)
     return team
 
@@ -117,14 +175,14 @@ def group_for_run_get(*, token: ApiToken, group_id: uuid.UUID) -> GroupForRun:
 def group_for_run_load(*, token: ApiToken, group_id: uuid.UUID) -> GroupForRun:
     """group_for_token_get, plus agents, tools and brain fallbacks (no query for what a group has none of)."""
     group = group_for_token_get(token=token, group_id=group_id)
-    agents = list(group.agents.select_related("model", "model__api_key_secret")) if group.has_agents else []
+    group_key = [db_value(Group, "id", group.pk)]
+    agents = sql_instances(GroupAgent, _by_group_statement(GroupAgent), group_key) if group.has_agents else []
+    links = sql_instances(GroupFallback, _by_group_statement(GroupFallback), group_key) if group.has_fallbacks else []
+    models = _models_with_secrets({a.model_id for a in agents} | {f.model_id for f in links})
+    for agent in agents:
+        agent.model = models[agent.model_id]
     tools = tools_for_token_list(token=token, group=group) if group.has_tools else []
-    fallbacks = (
-        [f.model for f in group.fallbacks.select_related("model", "model__api_key_secret")]
-        if group.has_fallbacks
-        else []
-    )
-    return GroupForRun(group=group, agents=agents, tools=tools, fallbacks=fallbacks)
+    return GroupForRun(group=group, agents=agents, tools=tools, fallbacks=[models[f.model_id] for f in links])
 
 
 def group_list_for_token(*, token: ApiToken) -> list[Group]:
@@ -132,7 +190,7 @@ def group_list_for_token(*, token: ApiToken) -> list[Group]:
 
 
 def model_endpoint_get(model: CustomModel) -> ModelEndpoint:
-    """Expects `api_key_secret` already loaded (select_related) so this makes no query."""
+    """Expects `api_key_secret` already loaded (as group_for_run_load loads it) so this makes no query."""
     return ModelEndpoint(
         name=model.name,
         provider=model.provider,
@@ -146,13 +204,12 @@ def model_endpoint_get(model: CustomModel) -> ModelEndpoint:
 def tools_for_token_list(*, token: ApiToken, group: Group) -> list[Tool]:
     """The group's tools this token lets the model use (the others are not offered at all), with
     their auth secrets loaded."""
-    selected = _TokenTools.objects.filter(apitoken_id=token.pk)
-    tools = group.tools.select_related("auth_secret").annotate(
-        scope_selects_some=Exists(selected),
-        scope_selects=Exists(selected.filter(tool_id=OuterRef("pk"))),
-        scope_excludes=Exists(_TokenExcludedTools.objects.filter(apitoken_id=token.pk, tool_id=OuterRef("pk"))),
-    )
-    return [t for t in tools.order_by("name") if _in_scope(t)]
+    params = [token.pk, token.pk, token.pk, db_value(Group, "id", group.pk)]
+    tools = [t for t in sql_instances(Tool, _tools_with_scope_statement(), params) if _in_scope(t)]
+    secrets = _secrets_by_id(t.auth_secret_id for t in tools)
+    for tool in tools:
+        tool.auth_secret = secrets.get(tool.auth_secret_id)
+    return tools
 
 
 def execution_for_team_get(*, team_id: int, execution_id: uuid.UUID) -> Execution:

@@ -7,12 +7,14 @@ PostgreSQL the request path's two transactions are each one statement (see the s
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.utils import CursorWrapper
 from django.db.models import Field, Model
+
+M = TypeVar("M", bound=Model)
 
 
 def _db() -> BaseDatabaseWrapper:
@@ -46,6 +48,13 @@ def sql_count(statement: str, params: Sequence[Any]) -> int:
     cursor = _cursor()
     cursor.execute(statement, params)
     return cursor.rowcount
+
+
+def sql_instances(model: type[M], statement: str, params: Sequence[Any]) -> list[M]:
+    """The rows of a written-out SELECT as `model` instances: columns matched to fields by name and
+    converted as the ORM converts them, any other column set as an attribute (Django's raw(), which
+    compiles no query)."""
+    return list(model._default_manager.raw(statement, params))
 
 
 def for_update() -> str:

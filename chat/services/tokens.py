@@ -16,7 +16,7 @@ from django.utils import timezone
 from chat.errors import AuthenticationError
 from chat.models import ApiToken, Group, Team, Tool
 from chat.selectors import team_cached, team_get
-from kitemesh_site.sql import db_value, sql_rows
+from kitemesh_site.sql import db_value, sql_instances, sql_rows
 
 TOKEN_PREFIX = "km_"
 LOOKUP_PREFIX_LENGTH = 12  # "km_" + 9 random characters: unique enough to find the row, useless to guess
@@ -145,9 +145,10 @@ def _token_read(prefix: str) -> ApiToken | None:
     if read is not None and read[1] == rows[0]:
         token = read[2]
     else:
-        token = ApiToken.objects.filter(prefix=prefix).first()
-        if token is None:
+        built = sql_instances(ApiToken, _token_row_statement(), [prefix])
+        if not built:
             return None
+        token = built[0]
         if len(_tokens_read) >= _TOKENS_READ_MAX:
             _tokens_read.clear()
     _tokens_read[prefix] = (time.monotonic(), rows[0], token)

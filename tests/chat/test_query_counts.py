@@ -19,9 +19,9 @@ from tests.support.helpers import sse_chunks
 # statement (kitemesh_site.sql): 2. The token, the team and the group's configuration come from the
 # per-process cache.
 WARM_REQUEST = {"sqlite": 10, "postgresql": 2}
-# The first request reads its token (its row, then the ORM builds it), its team and its group (no agents,
-# tools or fallbacks) into the per-process cache.
-COLD_READS = 4
+# The first request reads its token (its row, then the instance built from it), its team, its group (no
+# agents, tools or fallbacks), the group's brain and the brain's API key into the per-process cache.
+COLD_READS = 6
 
 
 @contextmanager
