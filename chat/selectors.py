@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import Exists, OuterRef, QuerySet
+from django.db.models import QuerySet
 
 from chat.engine.providers import ModelEndpoint
 from chat.errors import NotFound, PermissionDenied
@@ -22,29 +22,19 @@ _TokenTools = ApiToken.tools.through
 _TokenExcludedTools = ApiToken.excluded_tools.through
 
 
-def _groups_with_scope(token: ApiToken) -> QuerySet[Group]:
-    """The team's groups, each annotated with whether the token's scope covers it (one query)."""
-    selected = _TokenGroups.objects.filter(apitoken_id=token.pk)
-    return Group.objects.filter(team_id=token.team_id).annotate(
-        scope_selects_some=Exists(selected),
-        scope_selects=Exists(selected.filter(group_id=OuterRef("pk"))),
-        scope_excludes=Exists(_TokenExcludedGroups.objects.filter(apitoken_id=token.pk, group_id=OuterRef("pk"))),
-    )
-
-
 def _in_scope(obj: Group | Tool) -> bool:
     return (obj.scope_selects or not obj.scope_selects_some) and not obj.scope_excludes
 
 
-# The configuration a run reads on a cache miss is read by written-out statements through raw(), which
-# compiles nothing: the ORM's compiler took 5 ms for the group's query alone (README, Benchmarks).
+# The groups, tools and models a token may use are read by written-out statements through raw(), which
+# compiles nothing: the ORM's compiler took 5 ms for a run's group alone, on every config cache miss
+# (README, Benchmarks).
 
 
 def group_for_token_get(*, token: ApiToken, group_id: uuid.UUID) -> Group:
     """The group a request names, with its team and brain; 404 when the team has no such group, 403 when
     the token's scope leaves it out."""
-    params = [token.pk, token.pk, token.pk, token.team_id, db_value(Group, "id", group_id)]
-    found = sql_instances(Group, _group_with_scope_statement(), params)
+    found = _groups_with_scope(token, group_id=group_id)
     if not found:
         raise NotFound(f"The model 'group:{group_id}' does not exist.", param="model", code="model_not_found")
     group = found[0]
@@ -56,9 +46,9 @@ def group_for_token_get(*, token: ApiToken, group_id: uuid.UUID) -> Group:
 
 
 @functools.cache
-def _group_with_scope_statement() -> str:
-    """A team's group by id, annotated as _groups_with_scope annotates, and with whether it has agents,
-    tools and fallbacks."""
+def _groups_with_scope_statement(*, one: bool) -> str:
+    """A team's groups (`one` by id, else all by name), each with whether the token's scope covers it
+    (see _in_scope) and whether it has agents, tools and fallbacks."""
     group, agent, fallback = (m._meta.db_table for m in (Group, GroupAgent, GroupFallback))
     chosen, excluded, tools = (m._meta.db_table for m in (_TokenGroups, _TokenExcludedGroups, Group.tools.through))
     return (
@@ -68,13 +58,21 @@ def _group_with_scope_statement() -> str:
         f" EXISTS (SELECT 1 FROM {agent} WHERE group_id = g.id) AS has_agents,"
         f" EXISTS (SELECT 1 FROM {tools} WHERE group_id = g.id) AS has_tools,"
         f" EXISTS (SELECT 1 FROM {fallback} WHERE group_id = g.id) AS has_fallbacks"
-        f" FROM {group} g WHERE g.team_id = %s AND g.id = %s"
+        f" FROM {group} g WHERE g.team_id = %s" + (" AND g.id = %s" if one else " ORDER BY g.name")
     )
+
+
+def _groups_with_scope(token: ApiToken, group_id: uuid.UUID | None = None) -> list[Group]:
+    """_groups_with_scope_statement's groups: the token's team's, or the one named."""
+    params = [token.pk, token.pk, token.pk, token.team_id]
+    if group_id is not None:
+        params.append(db_value(Group, "id", group_id))
+    return sql_instances(Group, _groups_with_scope_statement(one=group_id is not None), params)
 
 
 @functools.cache
 def _tools_with_scope_statement() -> str:
-    """A group's tools by name, annotated with the token's scope as _groups_with_scope annotates groups."""
+    """A group's tools by name, each with whether the token's scope covers it (see _in_scope)."""
     tool, group_tools = Tool._meta.db_table, Group.tools.through._meta.db_table
     chosen, excluded = _TokenTools._meta.db_table, _TokenExcludedTools._meta.db_table
     return (
@@ -186,7 +184,7 @@ def group_for_run_load(*, token: ApiToken, group_id: uuid.UUID) -> GroupForRun:
 
 
 def group_list_for_token(*, token: ApiToken) -> list[Group]:
-    return [g for g in _groups_with_scope(token).order_by("name") if _in_scope(g)]
+    return [g for g in _groups_with_scope(token) if _in_scope(g)]
 
 
 def model_endpoint_get(model: CustomModel) -> ModelEndpoint:

@@ -9,7 +9,7 @@ from django.test.utils import CaptureQueriesContext
 
 from chat.errors import NotFound, PermissionDenied
 from chat.models import ApiToken, CustomModel, Group, GroupAgent, GroupFallback, Team, Tool, VaultSecret
-from chat.selectors import group_for_run_load, team_get
+from chat.selectors import group_for_run_load, group_list_for_token, team_get
 from chat.services.tokens import token_authenticate, token_create
 from chat.services.vault import secret_set
 from kitemesh_site.sql import db_value, sql_instances
@@ -87,6 +87,20 @@ def test_a_token_that_selects_groups_reaches_only_those(setup: Setup):
     token.excluded_groups.add(other)
     with pytest.raises(PermissionDenied):
         group_for_run_load(token=token, group_id=other.id)
+
+
+def test_a_token_lists_the_groups_its_scope_covers_by_name(setup: Setup):
+    zulu, alpha, hidden = (
+        Group.objects.create(team=setup.team, name=n, brain=setup.brain) for n in ("zulu", "alpha", "x")
+    )
+    Group.objects.create(team=Team.objects.create(name="other"), name="elsewhere", brain=setup.brain)
+    token = setup.token
+
+    assert [g.name for g in group_list_for_token(token=token)] == ["alpha", "support", "x", "zulu"]
+    token.excluded_groups.add(hidden)
+    assert [g.name for g in group_list_for_token(token=token)] == ["alpha", "support", "zulu"]
+    token.groups.add(zulu, alpha)
+    assert [g.name for g in group_list_for_token(token=token)] == ["alpha", "zulu"]
 
 
 def test_another_teams_group_is_not_found(setup: Setup):
