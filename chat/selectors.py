@@ -120,7 +120,7 @@ class GroupForRun:
 
 # The per-process config cache: what a token may run of a group, (expires at, parts) by (token id, group
 # id), and teams (their rate limits apply to every request), (expires at, team) by id. Reading a group
-# costs several queries that compile slowly, for configuration that rarely changes. Changes made in this
+# costs several round trips, for configuration that rarely changes. Changes made in this
 # process clear the cache at once (chat.apps connects config_cache_clear); other processes see them within
 # KITEMESH_CONFIG_CACHE_SECONDS. Tokens are checked on every request, so revocation is immediate
 # (chat.services.tokens).

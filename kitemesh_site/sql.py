@@ -1,9 +1,11 @@
 """Hand-written SQL for the statements every API request runs: its execution record, credit hold,
-settlement and steps. Profiling put the ORM's query compiler at 0.2–0.5 ms a statement on that path,
-several times what the database takes (README, Benchmarks); everywhere else the ORM is used. The
-statements are plain SQL that SQLite and PostgreSQL both run, with values prepared by the model fields
-(defaults, auto_now_add, UUIDs, JSON, datetimes, decimals), so rows are exactly what the ORM writes. On
-PostgreSQL the request path's two transactions are each one statement (see the section at the end)."""
+settlement and steps; and `sql_instances`, for the configuration those requests read (chat.selectors).
+Profiling put the ORM's query compiler at 0.2–0.5 ms a statement on that path, several times what the
+database takes, and at 5 ms for a group's configuration (README, Benchmarks); everywhere else the ORM is
+used. The statements are plain SQL that SQLite and PostgreSQL both run, with values prepared by the model
+fields (defaults, auto_now_add, UUIDs, JSON, datetimes, decimals), so rows are exactly what the ORM
+writes. On PostgreSQL the request path's two transactions are each one statement (see the section at the
+end)."""
 
 import functools
 from collections.abc import Sequence
