@@ -36,7 +36,9 @@ def test_instances_read_by_written_out_statements_hold_what_the_orm_reads(setup:
     _tool(setup, "lookup", parameters={"type": "object"}, tags=["crm", "read"], price=Decimal("1.25"))
     setup.token.expires_at = setup.token.created_at
     setup.token.save()
-    for expected in model.objects.all():
+    rows = list(model.objects.all())
+    assert rows
+    for expected in rows:
         key = db_value(model, model._meta.pk.name, expected.pk)
         statement = f"SELECT * FROM {model._meta.db_table} WHERE {model._meta.pk.column} = %s"
 
