@@ -111,5 +111,8 @@ def test_another_teams_group_is_not_found(setup: Setup):
 
     with pytest.raises(NotFound):
         group_for_run_load(token=token, group_id=setup.group.id)
+
+
+def test_a_missing_team_is_an_error_as_the_orm_would_raise(db):
     with pytest.raises(Team.DoesNotExist):
-        team_get(team_id=outsider.pk + 1000)
+        team_get(team_id=10**9)
