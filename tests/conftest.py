@@ -10,6 +10,7 @@ import pytest
 from django.db import connection
 
 from billing.services.ledger import credits_grant
+from chat.engine import providers
 from chat.models import ApiToken, CustomModel, Group, Team
 from chat.selectors import config_cache_clear
 from chat.services.tokens import token_create
@@ -27,6 +28,13 @@ def _config_cache_empty() -> None:
     """Each test starts with no cached group configuration: flushing the database between tests
     sends no signal, and a later test may reuse a group id with other rows behind it."""
     config_cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def _circuits_closed() -> None:
+    """Each test starts with every upstream's circuit closed: breakers are per process and keyed by base
+    URL and model, and a test's fake upstream may get the port of an earlier test's that failed."""
+    providers._breakers.clear()
 
 
 @pytest.fixture
