@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint demo-token clean bench
+.PHONY: run test lint demo-token clean bench bench-floors
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "KiteMesh needs Python 3.11 or newer")'
@@ -54,3 +54,7 @@ bench: $(VENV)/.installed
 	@# uvicorn picks httptools when importable: LiteLLM gets the same HTTP parser as KiteMesh.
 	@$(LITELLM_VENV)/bin/python -c 'import httptools' 2>/dev/null || $(LITELLM_VENV)/bin/pip install --quiet httptools
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# `make bench-floors`: a completion's c=1 latency layer by layer (bench/floors.py, about two minutes).
+bench-floors: $(VENV)/.installed
+	$(PY) bench/floors.py $(BENCH_ARGS)

@@ -241,13 +241,28 @@ def manage(env: dict[str, str], *args: str) -> str:
 
 def kitemesh_start(run: Run, upstream: Service, db: str, key: str) -> Target:
     """A fresh database, the bench config, a token; then one uvicorn worker on the gateway CPU."""
+    env, token = kitemesh_prepare(run, upstream, db)
+    return kitemesh_serve(run, env, token, key)
+
+
+def kitemesh_prepare(run: Run, upstream: Service, db: str) -> tuple[dict[str, str], str]:
+    """A fresh database with the bench config and a token: the environment to run KiteMesh in, and the token."""
     env = kitemesh_env(db)
     config = render("kitemesh.yaml", upstream_port=upstream.port, slow_model=run.settings.slow_model, **GROUPS)
     manage(env, "migrate", "--noinput")
     manage(env, "apply_config", str(config))
     token = manage(env, "issue_token", "--team", "bench", "--name", f"bench-{int(time.time())}").splitlines()[-1]
+    return env, token
+
+
+def kitemesh_serve(
+    run: Run, env: dict[str, str], token: str, key: str, app: str = "kitemesh_site.asgi:application"
+) -> Target:
+    """One uvicorn worker serving `app` (a module of the project, or of bench/) on the gateway CPU."""
     service = Service(key, free_port(), RUN_DIR / f"{key}.log")
-    command = [*run.pin.gateway, PYTHON, "-m", "uvicorn", "kitemesh_site.asgi:application"]
+    command = [*run.pin.gateway, PYTHON, "-m", "uvicorn", app]
+    if (BENCH_DIR / f"{app.split(':')[0]}.py").exists():
+        command += ["--app-dir", str(BENCH_DIR)]
     command += ["--host", "127.0.0.1", "--port", str(service.port), "--workers", "1"]
     command += ["--no-access-log", "--log-level", "warning", *uvicorn_speedups()]
     run.services.append(service)
