@@ -68,10 +68,10 @@ class _Job:
 class LifoThreadPool(Executor):
     """A thread pool whose most recently idle thread takes the next job. ThreadPoolExecutor's threads take
     turns instead (they wait on one queue, which wakes them in the order they began to wait), and each of
-    ours keeps a database connection with, on PostgreSQL, a server process behind it: taking turns, every
-    job met a thread and a server process whose caches the others' jobs had gone cold in. At low load one
-    thread now does the work (c=1 p50 0.2–0.4 ms lower on the benchmark's VM, README Benchmarks); under
-    load every thread works. Threads start as jobs need them; at exit the running jobs are finished."""
+    ours keeps a database connection with, on PostgreSQL, a server process behind it: taking turns, each
+    job found a thread and a server process whose caches had gone cold while the others worked. At low
+    load one thread now does the work (c=1 p50 0.2–0.4 ms lower on the benchmark's VM, README Benchmarks);
+    under load every thread works. Threads start as jobs need them; at exit the running jobs are finished."""
 
     def __init__(self, max_threads: int, name: str) -> None:
         self._max_threads, self._name = max_threads, name

@@ -93,13 +93,19 @@ def test_keyword_arguments_reach_the_job(pool):
     assert pool.submit(dict, a=1, b="x").result(WAIT) == {"a": 1, "b": "x"}
 
 
-def test_shutdown_finishes_running_and_waiting_jobs_then_refuses_new_ones():
-    pool = LifoThreadPool(max_threads=1, name="test-shutdown")
+def _one_running_one_waiting(name: str):
+    """A one-thread pool busy with a job that ends in 0.2 s, and a job waiting for it."""
+    pool = LifoThreadPool(max_threads=1, name=name)
     gate, started = threading.Event(), threading.Event()
     running = pool.submit(_blocked_until, gate, started)
     assert started.wait(WAIT)
     waiting = pool.submit(_thread_name)
     threading.Timer(0.2, gate.set).start()
+    return pool, running, waiting
+
+
+def test_shutdown_finishes_running_and_waiting_jobs_then_refuses_new_ones():
+    pool, running, waiting = _one_running_one_waiting("test-shutdown")
 
     pool.shutdown(wait=True)
 
@@ -111,12 +117,7 @@ def test_shutdown_finishes_running_and_waiting_jobs_then_refuses_new_ones():
 
 
 def test_shutdown_can_cancel_the_waiting_jobs():
-    pool = LifoThreadPool(max_threads=1, name="test-cancel")
-    gate, started = threading.Event(), threading.Event()
-    running = pool.submit(_blocked_until, gate, started)
-    assert started.wait(WAIT)
-    waiting = pool.submit(_thread_name)
-    threading.Timer(0.2, gate.set).start()
+    pool, running, waiting = _one_running_one_waiting("test-cancel")
 
     pool.shutdown(wait=True, cancel_futures=True)
 
