@@ -11,6 +11,7 @@ The floor views are the completion view's subclasses, so they take the same path
 This module is also the URLconf (the floor paths before the project's)."""
 
 from django.conf import settings
+from django.http import HttpResponse
 from django.urls import path
 from rest_framework.request import Request
 
@@ -25,14 +26,14 @@ RAW_BODY = b'{"object": "floor"}'
 
 
 class ViewFloorApi(ChatCompletionCreateApi):
-    async def post(self, request: Request):
+    async def post(self, request: Request) -> HttpResponse:
         chat_request = chat_request_parse(_body(request))
         await _group_for_run(request.auth, chat_request.group_id)
         return _json_response({"object": "floor"})
 
 
 class UpstreamFloorApi(ChatCompletionCreateApi):
-    async def post(self, request: Request):
+    async def post(self, request: Request) -> HttpResponse:
         chat_request = chat_request_parse(_body(request))
         parts = await _group_for_run(request.auth, chat_request.group_id)
         endpoint = model_endpoint_get(parts.group.brain)
