@@ -37,7 +37,7 @@ def pool():
     pool.shutdown()
 
 
-def test_at_low_load_one_thread_does_every_job(pool):
+def test_jobs_one_at_a_time_need_one_thread(pool):
     names = set()
     for _ in range(20):
         names.add(pool.submit(_thread_name).result(WAIT))
