@@ -6,7 +6,7 @@ interleaved rounds (the median of the rounds' p50s); then the request path's two
 run's start and its settlement) alone, in a loop in a process of their own on the gateway CPU. Prints a
 table, and writes it to bench/.run/floors.md. About two minutes.
 
-    python bench/floors.py [--db postgres|sqlite] [--rounds 5] [--seconds 3]
+    python bench/floors.py [--db postgres|sqlite] [--rounds 5] [--seconds 3] [--count 3000]
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ def statements_loop(count: int) -> dict:
     import django
 
     django.setup()
+    from django.conf import settings
+
     from chat.engine.providers import Usage
     from chat.engine.runner import call_worst_case, model_cost
     from chat.models import ApiToken, Execution, Step
@@ -60,7 +62,7 @@ def statements_loop(count: int) -> dict:
     token = ApiToken.objects.filter(revoked_at__isnull=True).latest("id")
     parts = group_for_run_get(token=token, group_id=uuid.UUID(GROUPS["chat_group"]))
     brain, messages = parts.group.brain, [{"role": "user", "content": PROMPT}]
-    hold_amount = call_worst_case(brain, messages, [], 1024)
+    hold_amount = call_worst_case(brain, messages, [], settings.KITEMESH_DEFAULT_MAX_OUTPUT_TOKENS)
 
     def pair() -> None:
         start = execution_start(
