@@ -81,8 +81,12 @@ class UpstreamTimeout(UpstreamError):
     code = "upstream_timeout"
 
 
-def api_error_restore(record: dict) -> ApiError:
-    """Rebuild an error recorded on an execution, to replay it for the same request_id."""
-    error = ApiError(record["message"], code=record["code"])
-    error.status, error.type = record["status"], record["type"]
-    return error
+class InternalError(ApiError):
+    """A failure nobody planned for. Its details go to the log, never to the client."""
+
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+    def __init__(self, message: str = "The server failed to process the request.") -> None:
+        super().__init__(message)

@@ -21,6 +21,7 @@ from rest_framework import serializers
 
 from approvals.models import Approval
 from chat.models import Execution, Mode, Step, Tool, ToolExecution
+from chat.wire import MAX_OUTPUT_TOKENS
 
 # The mode a request actually ran in: `auto` is resolved before anything runs, so it is never reported.
 RUN_MODES = [Mode.NORMAL.value, Mode.SYNTHESIS.value, Mode.ORCHESTRATION.value]
@@ -223,9 +224,13 @@ class _ChatParametersSerializer(serializers.Serializer):
     stream = serializers.BooleanField(
         required=False, allow_null=True, default=False, help_text="true: answer as server-sent events."
     )
-    max_tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1)
+    max_tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1, max_value=MAX_OUTPUT_TOKENS)
     max_completion_tokens = serializers.IntegerField(
-        required=False, allow_null=True, min_value=1, help_text="Wins over `max_tokens` when both are given."
+        required=False,
+        allow_null=True,
+        min_value=1,
+        max_value=MAX_OUTPUT_TOKENS,
+        help_text="Wins over `max_tokens` when both are given.",
     )
     temperature = serializers.FloatField(required=False, allow_null=True, min_value=0, max_value=2)
     top_p = serializers.FloatField(required=False, allow_null=True, min_value=0, max_value=1)

@@ -18,7 +18,7 @@ from django.http import HttpRequest, JsonResponse
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
 
-from chat.errors import ApiError, AuthenticationError, InvalidRequest, NotFound
+from chat.errors import ApiError, AuthenticationError, InternalError, InvalidRequest, NotFound
 from chat.models import Mode
 
 logger = logging.getLogger(__name__)
@@ -27,6 +27,9 @@ ROLES = {"system", "developer", "user", "assistant", "tool"}
 PASSTHROUGH_FIELDS = ("top_p", "stop", "seed", "response_format", "user")
 MISSING_TOKEN_MESSAGE = "Missing Bearer API token"
 REQUEST_ID = re.compile(r"[\x20-\x7e]{1,128}")  # goes into a response header: printable ASCII only
+# No model writes a million tokens in one answer; a larger cap only inflates the worst case a run holds.
+MAX_OUTPUT_TOKENS = 1_000_000
+FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 
 
 def random_hex(length: int = 24) -> str:
@@ -77,27 +80,91 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+class _Unstorable:
+    """A JSON value the database cannot store, left in the parsed body for _unstorable_find to name."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+# A lone surrogate can only arrive as a \u escape (strict UTF-8 cannot carry one): without a \uD8.. to
+# \uDF.. escape in the raw body, no string needs to be looked at.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _json_int(text: str) -> int | _Unstorable:
+    # Checked on the digits first: Python refuses to convert more than 4300 of them (a ValueError).
+    if len(text.lstrip("-")) <= 19 and _INT64_MIN <= (value := int(text)) <= _INT64_MAX:
+        return value
+    return _Unstorable("integers must fit in 64 bits")
+
+
+def _json_float(text: str) -> float | _Unstorable:
+    value = float(text)
+    return value if math.isfinite(value) else _Unstorable("numbers must be finite")
+
+
+def _json_constant(name: str) -> _Unstorable:
+    return _Unstorable(f"{name} is not a number JSON allows")
+
+
 def body_parse(raw: bytes) -> dict:
+    """The JSON body as a dict. Anything in it the database or the encoder cannot store (NUL, a lone
+    surrogate, NaN or Infinity, an integer beyond 64 bits) is refused here, naming where it is."""
+    flagged = False
+
+    def flag(value: _Unstorable | int | float) -> _Unstorable | int | float:
+        nonlocal flagged
+        flagged = flagged or isinstance(value, _Unstorable)
+        return value
+
     try:
-        body = json.loads(raw)
+        body = json.loads(
+            raw,
+            parse_int=lambda text: flag(_json_int(text)),
+            parse_float=lambda text: flag(_json_float(text)),
+            parse_constant=lambda name: flag(_json_constant(name)),
+        )
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InvalidRequest(f"The body is not valid JSON: {exc}", code="invalid_json") from exc
     if not isinstance(body, dict):
         raise InvalidRequest("The body must be a JSON object.", code="invalid_json")
-    if b"\\u0000" in raw and _has_nul(body):  # the substring test keeps the walk off the common path
-        raise InvalidRequest("Text in the body must not contain NUL characters (\\u0000).")
+    if flagged or b"\\u0000" in raw or _SURROGATE_ESCAPE.search(raw):
+        found = _unstorable_find(body, ())
+        if found is not None:
+            path, reason = found
+            raise InvalidRequest(f"{reason}.", param=".".join(path) or None)
     return body
 
 
-def _has_nul(value: Any) -> bool:
-    """NUL cannot be stored in PostgreSQL text, and no prompt needs it."""
+def _text_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return "Text must not contain NUL characters (\\u0000)"
+    if _SURROGATE.search(text):
+        return "Text must not contain a lone surrogate (\\ud800 to \\udfff without its pair)"
+    return None
+
+
+def _unstorable_find(value: Any, path: tuple[str, ...]) -> tuple[tuple[str, ...], str] | None:
+    """The path and reason of the first value in `value` that cannot be stored, or None."""
+    if isinstance(value, _Unstorable):
+        return path, value.reason
     if isinstance(value, str):
-        return "\x00" in value
+        problem = _text_problem(value)
+        return (path, problem) if problem else None
     if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+        for key, item in value.items():
+            if problem := _text_problem(key):
+                return path, f"A key: {problem[0].lower()}{problem[1:]}"
+            if found := _unstorable_find(item, (*path, key)):
+                return found
     if isinstance(value, list):
-        return any(_has_nul(v) for v in value)
-    return False
+        for index, item in enumerate(value):
+            if found := _unstorable_find(item, (*path, str(index))):
+                return found
+    return None
 
 
 def _content_check(content: Any, param: str, *, nullable: bool) -> None:
@@ -126,6 +193,8 @@ def _tool_calls_check(tool_calls: Any, param: str) -> None:
             and isinstance(fn.get("arguments"), str)
         ):
             raise _fail("Each tool call needs id, type 'function' and function.name/arguments strings.", f"{param}.{i}")
+        if not FUNCTION_NAME.fullmatch(fn["name"]):
+            raise _fail("A function name is 1 to 64 letters, digits, _ or -.", f"{param}.{i}.function.name")
 
 
 def _messages_check(messages: Any, *, resume: bool = False) -> list[dict]:
@@ -213,8 +282,8 @@ def _passthrough_check(body: dict) -> dict:
 def _max_tokens_parse(body: dict) -> int | None:
     for name in ("max_tokens", "max_completion_tokens"):
         value = body.get(name)
-        if value is not None and not (_is_int(value) and value > 0):
-            raise _fail(f"{name} must be a positive integer.", name)
+        if value is not None and not (_is_int(value) and 0 < value <= MAX_OUTPUT_TOKENS):
+            raise _fail(f"{name} must be a positive integer no greater than {MAX_OUTPUT_TOKENS}.", name)
     return body.get("max_completion_tokens") or body.get("max_tokens")
 
 
@@ -403,8 +472,7 @@ def api_exception_handler(exc: Exception, context: dict) -> Response:
     error = _from_drf(exc)
     if error is None:
         logger.exception("Unhandled error in %s", request.path, extra={"request_id": request_id_of(request)})
-        error = ApiError("The server failed to process the request.", code="internal_error")
-        error.status, error.type = 500, "server_error"
+        error = InternalError()
     headers = {}
     if error.status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="kitemesh"'

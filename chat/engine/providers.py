@@ -209,14 +209,15 @@ class OpenAIProvider:
             body = json.loads(raw)
             choice = body["choices"][0]
             message = choice.get("message") or {}
-        except (ValueError, KeyError, IndexError, TypeError):
+            content = _text(message.get("content"))
+            tool_calls = _tool_calls_clean(message.get("tool_calls") or [])
+            reported = body.get("usage") or {}
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise UpstreamError(f"The upstream model {endpoint.name!r} sent a malformed response.") from None
-        content = _text(message.get("content"))
-        reported = body.get("usage") or {}
         return ModelReply(
             content=content,
-            finish_reason=choice.get("finish_reason") or "stop",
-            tool_calls=_tool_calls_clean(message.get("tool_calls") or []),
+            finish_reason=_finish_reason(choice.get("finish_reason")),
+            tool_calls=tool_calls,
             usage=_usage(reported, messages, len(content or "")),
         )
 
@@ -249,10 +250,10 @@ class OpenAIProvider:
                         yield piece
                     for call in delta.get("tool_calls") or ():
                         _tool_call_merge(tool_calls, call)
-                    finish_reason = choice.get("finish_reason") or finish_reason
+                    finish_reason = _finish_reason(choice.get("finish_reason"), finish_reason)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._transport_error(endpoint, exc) from None
-        except ValueError:  # a line longer than read_bufsize
+        except (ValueError, TypeError, AttributeError):  # not text where text belongs, a line over read_bufsize
             raise UpstreamError(f"The upstream model {endpoint.name!r} sent a malformed stream.") from None
         finally:
             response.release()
@@ -265,9 +266,24 @@ class OpenAIProvider:
         )
 
 
-def _text(value: str | None) -> str | None:
-    """Model text as stored and relayed: NUL characters dropped (PostgreSQL text cannot hold them)."""
-    return value.replace("\x00", "") if value and "\x00" in value else value
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Usage an upstream reports outside this range is not believed (the call's usage is estimated instead):
+# no call reads or writes a hundred million tokens, and the step's columns could not store much more.
+_USAGE_MAX = 100_000_000
+
+
+def _text(value: object) -> str | None:
+    """Model text as stored and relayed: NUL characters dropped and lone surrogates replaced (neither
+    can be stored or encoded as UTF-8). ValueError for what is not text."""
+    if value is None or value == "":
+        return value
+    if not isinstance(value, str):
+        raise ValueError("text expected")
+    if "\x00" in value:
+        value = value.replace("\x00", "")
+    if not value.isascii() and _SURROGATE.search(value):
+        value = _SURROGATE.sub("\ufffd", value)
+    return value
 
 
 def _tool_calls_clean(tool_calls: list) -> list[dict]:
@@ -281,18 +297,26 @@ def _tool_calls_clean(tool_calls: list) -> list[dict]:
 
 def _tool_call_merge(calls: dict[int, dict], piece: dict) -> None:
     """Assemble a streamed tool call: id and name arrive once, arguments in fragments."""
-    call = calls.setdefault(
-        piece.get("index", len(calls)), {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
-    )
-    call["id"] = piece.get("id") or call["id"]
+    index = piece.get("index", len(calls))
+    if type(index) is not int:
+        raise ValueError("a tool call's index must be an integer")
+    call = calls.setdefault(index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+    call["id"] = _text(piece.get("id")) or call["id"]
     fn = piece.get("function") or {}
     call["function"]["name"] += _text(fn.get("name")) or ""
     call["function"]["arguments"] += _text(fn.get("arguments")) or ""
 
 
-def _usage(reported: dict, messages: list[dict], completion_length: int) -> Usage:
-    if isinstance(reported.get("prompt_tokens"), int) and isinstance(reported.get("completion_tokens"), int):
-        return Usage(reported["prompt_tokens"], reported["completion_tokens"])
+def _finish_reason(value: object, default: str = "stop") -> str:
+    """The upstream's finish_reason when it is a short word, else `default` (it is relayed and stored)."""
+    return value if isinstance(value, str) and value.isascii() and 0 < len(value) <= 32 else default
+
+
+def _usage(reported: object, messages: list[dict], completion_length: int) -> Usage:
+    counts = reported if isinstance(reported, dict) else {}
+    prompt, completion = counts.get("prompt_tokens"), counts.get("completion_tokens")
+    if all(type(n) is int and 0 <= n < _USAGE_MAX for n in (prompt, completion)):
+        return Usage(prompt, completion)
     return Usage(tokens_estimate(prompt_length(messages)), tokens_estimate(completion_length), estimated=True)
 
 

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import time
 import uuid
@@ -41,7 +42,7 @@ from chat.engine.tools import (
     tool_risk,
     tool_spec,
 )
-from chat.errors import ApiError, UpstreamError, api_error_restore
+from chat.errors import ApiError, InternalError, UpstreamError
 from chat.models import ApiToken, CustomModel, Execution, Group, GroupAgent, Mode, Step, Tool, ToolExecution
 from chat.selectors import model_endpoint_get
 from chat.services.executions import (
@@ -56,6 +57,10 @@ from kitemesh_site.db import db_future, in_db_thread
 from kitemesh_site.metrics import tool_run_count, upstream_call_observe, upstream_error_count
 
 MAX_TOOL_ROUNDS = 8  # brain calls that ask for tools, in a row, before the run is stopped
+_CALL_ID_LENGTH = ToolExecution._meta.get_field("call_id").max_length
+_TOOL_NAME_LENGTH = ToolExecution._meta.get_field("tool_name").max_length
+
+logger = logging.getLogger(__name__)
 
 
 def model_cost(model: CustomModel, usage: Usage) -> Decimal:
@@ -187,10 +192,27 @@ class Run:
         completion = sum(s.completion_tokens for s in self.steps)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
+    async def stopped(self, exc: BaseException) -> ApiError | None:
+        """Settle a run that stopped on `exc` (every way out of a run but its answer or pause comes here):
+        cancelled when the client left, else failed. The error to answer with, None when there is no one
+        left to answer."""
+        if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            await self.finish(Execution.Status.CANCELLED)
+            return None
+        error = exc if isinstance(exc, ApiError) else InternalError()
+        if error is not exc:
+            logger.error("run %s failed", self.execution.id, exc_info=exc)
+        try:
+            await self.finish(Execution.Status.FAILED, error=error)
+        except InternalError as failure:  # the outcome could not be written (its settlement still ran)
+            return failure
+        return error
+
     async def finish(self, status: str, *, response: dict | None = None, error: ApiError | None = None) -> int:
         """Settle the request, once. Shielded: a client that disconnects must not cancel the settlement
         of what it used; and when it disconnects while the settlement runs, the caller's cleanup awaits
-        that same settlement instead of starting another."""
+        that same settlement instead of starting another. InternalError when the outcome could not be
+        written (chat.services.executions.execution_finish)."""
         if self.settlement is None:
             self.settlement = db_future(
                 execution_finish,
@@ -272,7 +294,11 @@ class Run:
         self.messages.append(synthesis_note([(name, *answers[name]) for name in self.agents]))
 
     def round_record(self, reply: ModelReply) -> list[ToolExecution]:
-        """The brain's tool calls as tool executions (not saved yet), and its message in the conversation."""
+        """The brain's tool calls as tool executions (not saved yet), and its message in the conversation.
+        A call without an id, or with one longer than its column, gets one of ours (in both)."""
+        for call in reply.tool_calls:
+            if not call["id"] or len(call["id"]) > _CALL_ID_LENGTH:
+                call["id"] = f"call_{uuid.uuid4().hex[:12]}"
         self.messages.append({"role": "assistant", "content": reply.content, "tool_calls": reply.tool_calls})
         return [self._tool_execution(call) for call in reply.tool_calls]
 
@@ -284,8 +310,8 @@ class Run:
         return ToolExecution(
             execution=self.execution,
             tool=tool,
-            tool_name=name,
-            call_id=call.get("id") or f"call_{uuid.uuid4().hex[:12]}",
+            tool_name=name[:_TOOL_NAME_LENGTH],  # a longer name is no tool's: the model is told so
+            call_id=call["id"],
             arguments=arguments,
             arguments_hash=arguments_hash(arguments),
             requires_approval=needs_approval,
@@ -476,9 +502,7 @@ class Replay:
     execution: Execution
 
     def body(self) -> dict:
-        if self.execution.response is None:
-            raise api_error_restore(self.execution.error)
-        return self.execution.response
+        return self.execution.response  # a run that never answered does not keep its request_id
 
 
 def _max_tokens(group: Group, request: ChatRequest) -> int:
@@ -670,12 +694,11 @@ async def run_complete(run: Run) -> dict:
                 )
                 await run.finish(Execution.Status.SUCCEEDED, response=body)
                 return body
-    except ApiError as error:
-        await run.finish(Execution.Status.FAILED, error=error)
-        raise
-    except asyncio.CancelledError:
-        await run.finish(Execution.Status.CANCELLED)
-        raise
+    except BaseException as exc:
+        error = await run.stopped(exc)
+        if error is None or error is exc:
+            raise
+        raise error from exc
     raise AssertionError("run_events ends with an answer or a pause")
 
 
@@ -717,18 +740,20 @@ async def run_stream(run: Run) -> AsyncIterator[bytes]:
                 yield sse_event(chunk_body(**chunk, usage=run.usage()))
             yield SSE_DONE
             return
-    except ApiError as error:
-        await run.finish(Execution.Status.FAILED, error=error)
-        if not sent:
+    except BaseException as exc:
+        if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            # Closed at a yield (not cancelled mid-await), the inner loop is suspended: stop its agents
+            # and calls now so their steps are recorded before the run settles.
+            await events.aclose()
+        error = await run.stopped(exc)
+        if error is None:
             raise
+        if not sent:
+            if error is exc:
+                raise
+            raise error from exc
         yield sse_event(error_body(error, run.request_id))
         yield SSE_DONE
-    except (asyncio.CancelledError, GeneratorExit):
-        # Closed at a yield (not cancelled mid-await), the inner loop is suspended: stop its agents and
-        # calls now so their steps are recorded before the run settles.
-        await events.aclose()
-        await run.finish(Execution.Status.CANCELLED)
-        raise
 
 
 async def replay_stream(body: dict, include_usage: bool) -> AsyncIterator[bytes]:

@@ -1,10 +1,12 @@
 """Executions: start one (idempotency check, record, credit hold) and finish it (steps, settle,
 outcome) — each one short transaction, so no transaction stays open while a model answers."""
 
+import logging
 from dataclasses import dataclass
 from decimal import Decimal
 
 from django.db import IntegrityError, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from billing.models import Hold
@@ -15,10 +17,12 @@ from billing.services.ledger import (
     hold_settle,
     hold_settle_with,
 )
-from chat.errors import ApiError, AuthenticationError, Conflict
+from chat.errors import ApiError, AuthenticationError, Conflict, InternalError
 from chat.models import ApiToken, Execution, Group, Step, ToolExecution
 from chat.services.tokens import INVALID_TOKEN_MESSAGE, token_live_check, token_live_query
 from kitemesh_site.sql import insert_values, single_statement_writes, sql_insert, sql_update, update_statement
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -120,7 +124,21 @@ def _usage_add(execution: Execution, steps: list[Step]) -> None:
     execution.completion_tokens += sum(s.completion_tokens for s in steps)
 
 
-_OUTCOME = ["status", "prompt_tokens", "completion_tokens", "credits_charged", "finished_at", "response", "error"]
+_OUTCOME = [
+    "status",
+    "prompt_tokens",
+    "completion_tokens",
+    "credits_charged",
+    "finished_at",
+    "response",
+    "error",
+    "client_request_id",
+]
+_NO_ANSWER = (Execution.Status.FAILED, Execution.Status.CANCELLED)
+
+
+def _error_record(error: ApiError) -> dict:
+    return {"status": error.status, "type": error.type, "code": error.code, "message": error.message}
 
 
 def execution_finish(
@@ -135,11 +153,32 @@ def execution_finish(
     """Settle the request and record the run's outcome, in one transaction; returns credits charged for
     this request. A `response` body gets its final `kitemesh.credits_charged` here. The first result of
     an execution is kept for replays of its client's request_id (a resumed run's later answers do not
-    replace it)."""
+    replace it); a run that ends without ever answering frees its request_id, so a retry runs anew.
+
+    When the database refuses the outcome (a row it cannot store), the run is settled all the same by
+    execution_fail, and InternalError is raised: the caller answers 500 instead of what it meant to."""
+    try:
+        return _outcome_write(execution, hold, steps, status, response, error)
+    except Exception:
+        logger.exception("execution %s: its outcome could not be written; settling it as failed", execution.pk)
+        execution_fail(execution=execution, hold=hold, cost=_cost(steps))
+        raise InternalError() from None
+
+
+def _outcome_write(
+    execution: Execution,
+    hold: Hold | None,
+    steps: list[Step],
+    status: str,
+    response: dict | None,
+    error: ApiError | None,
+) -> int:
     execution.status = status
     execution.finished_at = timezone.now()
     if error is not None and execution.response is None and response is None:
-        execution.error = {"status": error.status, "type": error.type, "code": error.code, "message": error.message}
+        execution.error = _error_record(error)
+    if status in _NO_ANSWER and execution.response is None:
+        execution.client_request_id = False
     if hold is not None and single_statement_writes():
         charged = _finish_in_one_statement(execution, hold, steps, response)
     else:
@@ -176,6 +215,22 @@ def _finish_in_one_statement(execution: Execution, hold: Hold, steps: list[Step]
     charged = hold_settle_with(hold=hold, cost=_cost(steps), writes=writes)
     execution.credits_charged += charged
     _response_record(execution, response, charged)
+    return charged
+
+
+def execution_fail(*, execution: Execution, hold: Hold | None, cost: Decimal) -> int:
+    """The last resort of a run whose outcome could not be written: its hold settled for `cost` (what its
+    steps used), the run marked failed with an internal error, its request_id freed; its steps and
+    response are not written. Returns the credits charged."""
+    with transaction.atomic(durable=True):
+        charged = hold_settle(hold=hold, cost=cost) if hold is not None else 0
+        Execution.objects.filter(pk=execution.pk).update(
+            status=Execution.Status.FAILED,
+            error=_error_record(InternalError()),
+            finished_at=timezone.now(),
+            client_request_id=False,
+            credits_charged=F("credits_charged") + charged,
+        )
     return charged
 
 
