@@ -16,30 +16,30 @@ from approvals.models import Approval
 from billing.selectors import credit_account_get
 from chat.engine.tools import arguments_redact
 from chat.errors import NotFound
-from chat.models import Group, Team, Tool, ToolExecution
-from chat.selectors import team_list_for_user
+from chat.models import ApiToken, Group, Team, Tool, ToolExecution
+from chat.selectors import runs_in_token_scope, team_list_for_user
 from chat.wire import tool_execution_body
 
 
-def approval_for_team_get(*, team_id: int, approval_id: uuid.UUID) -> Approval:
-    """The team's approval with its group and execution (404 for any other team's)."""
-    approval = Approval.objects.select_related("execution", "group").filter(pk=approval_id, team_id=team_id).first()
+def approval_for_token_get(*, token: ApiToken, approval_id: uuid.UUID) -> Approval:
+    """The approval with its group and execution; 404 unless it is a run the token's scope covers."""
+    approval = (
+        Approval.objects.select_related("execution", "group")
+        .filter(runs_in_token_scope(token=token), pk=approval_id)
+        .first()
+    )
     if approval is None:
         raise NotFound(f"No approval {approval_id}.", param="approval_id", code="approval_not_found")
     return approval
 
 
-def approval_with_calls_get(*, team_id: int, approval_id: uuid.UUID) -> Approval:
-    """The approval with its tool executions and their tools, for showing it."""
-    approval = (
+def approval_with_calls_get(*, approval_id: uuid.UUID) -> Approval:
+    """The approval with its tool executions and their tools, for showing it (its access was checked)."""
+    return (
         Approval.objects.select_related("execution", "group")
         .prefetch_related("tool_executions__tool")
-        .filter(pk=approval_id, team_id=team_id)
-        .first()
+        .get(pk=approval_id)
     )
-    if approval is None:
-        raise NotFound(f"No approval {approval_id}.", code="approval_not_found")
-    return approval
 
 
 # --- The approver pages ---------------------------------------------------------------------------

@@ -208,17 +208,31 @@ def _decisions_merge(
     return {i: a for i, a in api.items() if needing[i].status == Status.PENDING}
 
 
+def _tools_in_scope_check(round_calls: list[ToolExecution], tools_in_scope: set[int]) -> None:
+    """A token resumes only a round whose every tool it may use: the round's calls run under its name."""
+    outside = sorted(
+        {te.tool_name for te in round_calls if te.tool_id is not None and te.tool_id not in tools_in_scope}
+    )
+    if outside:
+        raise PermissionDenied(
+            f"This API token may not use {', '.join(map(repr, outside))}; nothing was decided or run.",
+            param="approval_id",
+        )
+
+
 def approval_resume_claim(
     *,
     token: ApiToken,
     approval: Approval,
+    tools_in_scope: set[int],
     approved: set[uuid.UUID],
     denied: dict[uuid.UUID, str],
     hold_amount_for: Callable[[list[ToolExecution]], int],
 ) -> ResumeClaim:
     """Apply the API's decisions and claim the approval for this resume, exactly once: the approval
     row is locked and its status moved by a conditional update, so a second or concurrent resume gets
-    409. The approval's hold is swapped for this request's (402 leaves the approval pending)."""
+    409. The approval's hold is swapped for this request's (402 leaves the approval pending). A round
+    with a tool outside `tools_in_scope` (the ids of the tools the token may use) is 403."""
     if approval.status == Approval.Status.PENDING and approval.expires_at <= timezone.now():
         approval_expire(approval=approval)
     if approval.status == Approval.Status.EXPIRED:
@@ -228,6 +242,7 @@ def approval_resume_claim(
         if locked.status != Approval.Status.PENDING:
             raise Conflict("This approval was already resumed.", code="approval_already_resumed")
         round_calls = list(locked.tool_executions.select_related("tool", "tool__auth_secret").order_by("position"))
+        _tools_in_scope_check(round_calls, tools_in_scope)
         decisions = _decisions_merge(approval=approval, round_calls=round_calls, approved=approved, denied=denied)
         now = timezone.now()
         for te in round_calls:

@@ -13,7 +13,7 @@ from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from approvals.selectors import approval_for_team_get, approval_with_calls_get
+from approvals.selectors import approval_for_token_get, approval_with_calls_get
 from approvals.services import approval_expire, approval_resume_claim
 from billing.selectors import credit_account_get
 from chat.authentication import bearer_secret
@@ -40,7 +40,7 @@ from chat.openapi import (
 )
 from chat.selectors import (
     GroupForRun,
-    execution_for_team_get,
+    execution_for_token_get,
     group_for_run_cached,
     group_for_run_get,
     group_list_for_token,
@@ -245,7 +245,7 @@ class ChatResumeApi(ApiView):
 
     @staticmethod
     async def _answer(request: Request, token: ApiToken, resume: ResumeRequest, slots: list[str]):
-        approval = await in_db_thread(approval_for_team_get, team_id=token.team_id, approval_id=resume.approval_id)
+        approval = await in_db_thread(approval_for_token_get, token=token, approval_id=resume.approval_id)
         if approval.group_id != resume.chat.group_id:
             raise InvalidRequest(f"This approval belongs to 'group:{approval.group_id}'.", param="model")
         parts = await _group_for_run(token, approval.group_id)
@@ -253,6 +253,7 @@ class ChatResumeApi(ApiView):
             approval_resume_claim,
             token=token,
             approval=approval,
+            tools_in_scope={tool.pk for tool in parts.tools},
             approved=resume.approved,
             denied=resume.denied,
             hold_amount_for=resume_hold(
@@ -281,20 +282,19 @@ def _uuid(value: str, what: str, code: str) -> uuid.UUID:
 class ApprovalDetailApi(ApiView):
     @approval_detail_schema
     def get(self, request: Request, approval_id: str) -> Response:
-        team_id = request.auth.team_id
-        approval = approval_for_team_get(
-            team_id=team_id, approval_id=_uuid(approval_id, "approval", "approval_not_found")
+        approval = approval_for_token_get(
+            token=request.auth, approval_id=_uuid(approval_id, "approval", "approval_not_found")
         )
         approval_expire(approval=approval)  # expiry is also applied lazily, whenever an approval is touched
-        approval = approval_with_calls_get(team_id=team_id, approval_id=approval.id)
+        approval = approval_with_calls_get(approval_id=approval.id)
         return Response(approval_body(approval, redact=arguments_redact))
 
 
 class ExecutionDetailApi(ApiView):
     @execution_detail_schema
     def get(self, request: Request, execution_id: str) -> Response:
-        execution = execution_for_team_get(
-            team_id=request.auth.team_id, execution_id=_uuid(execution_id, "execution", "execution_not_found")
+        execution = execution_for_token_get(
+            token=request.auth, execution_id=_uuid(execution_id, "execution", "execution_not_found")
         )
         return Response(execution_body(execution))
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 
 from chat.engine.providers import ModelEndpoint
 from chat.errors import NotFound, PermissionDenied
@@ -210,11 +210,21 @@ def tools_for_token_list(*, token: ApiToken, group: Group) -> list[Tool]:
     return tools
 
 
-def execution_for_team_get(*, team_id: int, execution_id: uuid.UUID) -> Execution:
+def runs_in_token_scope(*, token: ApiToken) -> Q:
+    """A filter on a run's `team` and `group` (executions, approvals): those of the token's team whose group
+    its scope covers (its selection, or every group, minus its exclusions); a token scoped to groups does
+    not see runs whose group is gone."""
+    selected = list(token.groups.values_list("pk", flat=True))
+    scope = Q(team_id=token.team_id) & ~Q(group_id__in=token.excluded_groups.values_list("pk", flat=True))
+    return scope & Q(group_id__in=selected) if selected else scope
+
+
+def execution_for_token_get(*, token: ApiToken, execution_id: uuid.UUID) -> Execution:
+    """The execution with its steps and approvals; 404 unless it is a run the token's scope covers."""
     execution = (
         Execution.objects.select_related("group")
         .prefetch_related("steps", "approvals")
-        .filter(pk=execution_id, team_id=team_id)
+        .filter(runs_in_token_scope(token=token), pk=execution_id)
         .first()
     )
     if execution is None:
