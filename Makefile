@@ -29,7 +29,10 @@ run: $(VENV)/.installed
 	echo "    -H 'Authorization: Bearer '$$token -H 'Content-Type: application/json' \\"; \
 	echo "    -d '{\"model\": \"group:00000000-0000-4000-8000-000000000001\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'"; \
 	echo
-	KITEMESH_TOOL_HOST_ALLOWLIST=$${KITEMESH_TOOL_HOST_ALLOWLIST:-127.0.0.1} $(PY) -m uvicorn kitemesh_site.asgi:application --host $(HOST) --port $(PORT)
+	@# The worker (webhook deliveries, crash recovery, approval expiry) runs beside the server and stops with it.
+	export KITEMESH_TOOL_HOST_ALLOWLIST=$${KITEMESH_TOOL_HOST_ALLOWLIST:-127.0.0.1}; \
+	$(PY) manage.py worker --verbosity 0 & worker=$$!; trap 'kill $$worker 2>/dev/null' EXIT INT TERM; \
+	$(PY) -m uvicorn kitemesh_site.asgi:application --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest

@@ -1,7 +1,7 @@
 from django.contrib import admin
 from django.http import HttpRequest
 
-from approvals.models import Approval
+from approvals.models import Approval, WebhookDelivery
 from chat.models import ToolExecution
 
 
@@ -26,4 +26,20 @@ class ApprovalAdmin(admin.ModelAdmin):
         return False
 
     def has_change_permission(self, request: HttpRequest, obj: Approval | None = None) -> bool:
+        return False
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(admin.ModelAdmin):
+    """Read-only: what the worker delivered, is still trying, or gave up on (with the last error)."""
+
+    list_display = ["id", "event_type", "label", "status", "attempts", "last_error", "created_at", "delivered_at"]
+    list_filter = ["status", "event_type"]
+    search_fields = ["id", "label"]
+    exclude = ["body"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: WebhookDelivery | None = None) -> bool:
         return False

@@ -16,6 +16,7 @@ CREATED = "approval.created"
 DECIDED = "approval.decided"
 RESUMED = "approval.resumed"
 EXPIRED = "approval.expired"
+INTERRUPTED = "approval.interrupted"
 
 # Superusers see every team: one channel carrying all teams' events spares them a stream per team
 # (django-eventstream takes 10 channels per stream, and browsers open at most 6 streams per host).

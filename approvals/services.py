@@ -15,25 +15,29 @@ from django.utils import timezone
 from approvals import events
 from approvals.events import approval_event_send
 from approvals.models import Approval
-from approvals.webhooks import approval_webhook_send
+from approvals.webhooks import approval_webhook_record
 from billing.models import Hold
 from billing.services.ledger import hold_create, hold_release
 from chat.errors import Conflict, Gone, InvalidRequest, PermissionDenied
 from chat.models import ApiToken, Execution, Group, Step, Tool, ToolExecution
-from chat.services.executions import execution_settle
+from chat.services.executions import execution_settle, lease_deadline
 from chat.wire import iso
 
 Status = ToolExecution.Status
+# An approval waiting for its resume: for decisions (pending), or for its client to retry the resume its
+# crashed run left unfinished (interrupted).
+WAITING = (Approval.Status.PENDING, Approval.Status.INTERRUPTED)
 
 
 def _announce(approval: Approval, event_type: str, *, waiting: int | None = None) -> None:
-    """Queue the browser event and the webhook for after commit: a rolled-back change reaches neither.
-    `approval.group` must be loaded (it is, on every path here) or it costs a query."""
+    """The browser event, sent after commit, and the webhook event, recorded in this transaction for the
+    worker to deliver: a rolled-back change reaches neither. `approval.group` must be loaded (it is, on
+    every path here) or it costs a query."""
     group = approval.group
     data = {"approval_id": str(approval.id), "group": group.name, "waiting": waiting}
     transaction.on_commit(partial(approval_event_send, team_id=approval.team_id, event_type=event_type, data=data))
     if group.webhook_url:
-        transaction.on_commit(partial(approval_webhook_send, approval_id=approval.id, event_type=event_type))
+        approval_webhook_record(approval=approval, event_type=event_type)
 
 
 @dataclass
@@ -51,11 +55,13 @@ def approval_pause(
     state: dict,
     hold_amount: int,
     response: dict,
+    steps_written: int = 0,
 ) -> Paused:
-    """Settle the request so far, persist the round (calls and conversation) and hold what its tools
-    will cost. `response` is the pause answer, completed here with the approval's id and expiry."""
+    """Settle the request so far (`steps`, the first `steps_written` of them written already), persist
+    the round (calls and conversation) and hold what its tools will cost. `response` is the pause
+    answer, completed here with the approval's id and expiry."""
     with transaction.atomic(durable=True):
-        charged = execution_settle(execution=execution, hold=hold, steps=steps)
+        charged = execution_settle(execution=execution, hold=hold, steps=steps, steps_written=steps_written)
         approval = Approval.objects.create(
             execution=execution,
             team_id=execution.team_id,
@@ -74,7 +80,17 @@ def approval_pause(
         )
         execution.status = Execution.Status.PAUSED
         execution.response = execution.response or response
-        execution.save(update_fields=["status", "prompt_tokens", "completion_tokens", "credits_charged", "response"])
+        execution.lease_expires_at = None
+        execution.save(
+            update_fields=[
+                "status",
+                "prompt_tokens",
+                "completion_tokens",
+                "credits_charged",
+                "response",
+                "lease_expires_at",
+            ]
+        )
         _announce(approval, events.CREATED, waiting=sum(te.requires_approval for te in tool_executions))
     return Paused(approval=approval)
 
@@ -83,9 +99,9 @@ def approval_expire(*, approval: Approval) -> bool:
     """Expire a pending approval past its time and release its hold; False when it was not due or
     already settled. Safe to call from anywhere, any number of times."""
     with transaction.atomic(durable=True):
-        expired = Approval.objects.filter(
-            pk=approval.pk, status=Approval.Status.PENDING, expires_at__lte=timezone.now()
-        ).update(status=Approval.Status.EXPIRED, resolved_at=timezone.now())
+        expired = Approval.objects.filter(pk=approval.pk, status__in=WAITING, expires_at__lte=timezone.now()).update(
+            status=Approval.Status.EXPIRED, resolved_at=timezone.now()
+        )
         if not expired:
             return False
         if approval.hold_id:
@@ -98,9 +114,25 @@ def approval_expire(*, approval: Approval) -> bool:
     return True
 
 
+def approval_interrupt(*, approval: Approval) -> None:
+    """A resumed approval whose run's process died waits again, for its client to resume it once more
+    (SPEC §7), with a fresh expiry. Runs inside the caller's transaction (chat.services.recovery)."""
+    approval.status = Approval.Status.INTERRUPTED
+    approval.expires_at = timezone.now() + timedelta(seconds=approval.group.approval_ttl_seconds)
+    approval.resolved_at = None
+    approval.save(update_fields=["status", "expires_at", "resolved_at"])
+    _announce(approval, events.INTERRUPTED)
+
+
+def approvals_expire_due() -> int:
+    """Expire every approval past its time (the sweep); how many were expired."""
+    due = Approval.objects.filter(status__in=WAITING, expires_at__lte=timezone.now()).select_related("group")
+    return sum(approval_expire(approval=approval) for approval in due.iterator())
+
+
 def _expire_if_due(approval: Approval) -> None:
     # Expiry is lazy: the one who finds an approval past its time releases its hold (and says so).
-    if approval.status == Approval.Status.PENDING and approval.expires_at <= timezone.now():
+    if approval.status in WAITING and approval.expires_at <= timezone.now():
         approval_expire(approval=approval)
 
 
@@ -194,12 +226,12 @@ def _decisions_merge(
     api = {i: True for i in approved} | {i: False for i in denied}
     final = {}
     for te_id, te in needing.items():
-        ui = None if te.status == Status.PENDING else te.status == Status.APPROVED
+        recorded = None if te.decision is None else te.decision == "approved"
         if te_id in api and te.tool is not None and te.tool.approver == Tool.Approver.HUMAN:
             raise PermissionDenied(f"Tool {te.tool_name!r} can only be decided by a person on the approver page.")
-        if ui is not None and te_id in api and api[te_id] != ui:
-            raise Conflict(f"Tool execution {te_id} was already decided otherwise in the UI.", code="decision_conflict")
-        final[te_id] = api.get(te_id, ui)
+        if recorded is not None and te_id in api and api[te_id] != recorded:
+            raise Conflict(f"Tool execution {te_id} was already decided otherwise.", code="decision_conflict")
+        final[te_id] = api.get(te_id, recorded)
     missing = [str(i) for i, decision in final.items() if decision is None]
     if missing:
         raise Conflict(f"No decision for: {', '.join(missing)}.", code="decision_required")
@@ -233,13 +265,12 @@ def approval_resume_claim(
     row is locked and its status moved by a conditional update, so a second or concurrent resume gets
     409. The approval's hold is swapped for this request's (402 leaves the approval pending). A round
     with a tool outside `tools_in_scope` (the ids of the tools the token may use) is 403."""
-    if approval.status == Approval.Status.PENDING and approval.expires_at <= timezone.now():
-        approval_expire(approval=approval)
+    _expire_if_due(approval)
     if approval.status == Approval.Status.EXPIRED:
         raise Gone("This approval has expired.", param="approval_id")
     with transaction.atomic(durable=True):
         locked = Approval.objects.select_for_update().get(pk=approval.pk)
-        if locked.status != Approval.Status.PENDING:
+        if locked.status not in WAITING:
             raise Conflict("This approval was already resumed.", code="approval_already_resumed")
         round_calls = list(locked.tool_executions.select_related("tool", "tool__auth_secret").order_by("position"))
         _tools_in_scope_check(round_calls, tools_in_scope)
@@ -257,7 +288,7 @@ def approval_resume_claim(
                     decision_reason=te.decision_reason,
                     decided_at=now,
                 )
-        Approval.objects.filter(pk=locked.pk, status=Approval.Status.PENDING).update(
+        Approval.objects.filter(pk=locked.pk, status=locked.status).update(
             status=Approval.Status.RESUMED, resolved_at=now
         )
         if decisions:
@@ -269,6 +300,7 @@ def approval_resume_claim(
         amount = hold_amount_for(round_calls)
         hold = hold_create(execution=execution, amount=amount) if amount > 0 else None
         execution.status = Execution.Status.RUNNING
-        execution.save(update_fields=["status"])
+        execution.lease_expires_at = lease_deadline()
+        execution.save(update_fields=["status", "lease_expires_at"])
     locked.group = approval.group
     return ResumeClaim(approval=locked, execution=execution, tool_executions=round_calls, hold=hold)

@@ -27,6 +27,7 @@ from approvals.selectors import (
 )
 from approvals.services import approval_decide, approval_decide_all
 from chat.errors import ApiError, NotFound
+from chat.services.recovery import execution_recover_if_lapsed
 
 HISTORY_PAGE_SIZE = 50
 # django-eventstream accepts at most 10 channels per stream: a member of many teams gets several streams.
@@ -42,10 +43,14 @@ def _team_ids(request: HttpRequest) -> list[int]:
 
 
 def _detail(request: HttpRequest, approval_id: uuid.UUID) -> ApprovalDetail:
+    team_ids = _team_ids(request)
     try:
-        return approval_detail_get(team_ids=_team_ids(request), approval_id=approval_id)
+        detail = approval_detail_get(team_ids=team_ids, approval_id=approval_id)
+        if execution_recover_if_lapsed(execution=detail.approval.execution):  # its run's process died
+            detail = approval_detail_get(team_ids=team_ids, approval_id=approval_id)
     except NotFound:
         raise Http404("No such approval among your teams.") from None
+    return detail
 
 
 def _event_urls(request: HttpRequest, team_ids: list[int]) -> list[str]:

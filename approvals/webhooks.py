@@ -1,29 +1,29 @@
 """Approval webhooks: when a group has a `webhook_url`, each approval event is POSTed there as JSON, signed
-with the group's vault secret (`X-KiteMesh-Signature: sha256=<HMAC-SHA256 of the raw body>`), retried with
-backoff, through the tools' SSRF guard, from a background thread: no request ever waits on a receiver."""
+with the group's vault secret (`X-KiteMesh-Signature: sha256=<HMAC-SHA256 of the raw body>`). The event is
+recorded (WebhookDelivery) in the transaction of the change it announces, and the worker delivers it
+(the webhook_deliver task): retried with backoff, across restarts of any process, with the same event id and body
+on every attempt, through the tools' SSRF guard. No request ever waits on a receiver."""
 
 import asyncio
-import atexit
-import concurrent.futures
 import hashlib
 import hmac
 import json
 import logging
 import secrets
-import threading
-import uuid
-from concurrent.futures import Future
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import httpx
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+from django.db import transaction
 from django.utils import timezone
+from django_tasks import task
 
-from approvals.models import Approval
+from approvals.models import Approval, WebhookDelivery
 from chat.engine.ssrf import DestinationBlocked, IPAddress, destination_check, literal_address
-from chat.models import Group, ToolExecution
+from chat.models import Group, ToolExecution, VaultSecret
 from chat.services.vault import vault_decrypt
 from chat.wire import iso
 
@@ -34,6 +34,11 @@ SIGNATURE_HEADER = "X-KiteMesh-Signature"
 EVENT_HEADER = "X-KiteMesh-Event"
 DELIVERY_HEADER = "X-KiteMesh-Delivery"
 _RETRY_STATUSES = {408, 425, 429}
+
+
+def _timeout() -> timedelta:
+    """How long an attempt may take, from its DNS lookup to the receiver's answer."""
+    return timedelta(seconds=settings.KITEMESH_WEBHOOK_TIMEOUT_SECONDS)
 
 
 def webhook_signature(secret: str, body: bytes) -> str:
@@ -68,98 +73,129 @@ def webhook_payload(*, event_type: str, approval: Approval, tool_executions: lis
     }
 
 
-@dataclass(frozen=True)
-class Delivery:
-    url: str
-    body: bytes
-    headers: dict[str, str]
-    event_id: str
-    event_type: str
-    group: str  # "team/group" for logs
-
-    @property
-    def host(self) -> str:
-        # Logs name the host only: a URL's path or query can carry the receiver's own token.
-        return httpx.URL(self.url).host
-
-
-def _signing_secret(group: Group) -> str | None:
+def _signing_secret(group: Group) -> VaultSecret | None:
+    """The group's signing secret when it is the team's own and can be decrypted."""
     secret = group.webhook_secret
     if secret is None or secret.team_id != group.team_id:
         return None
     try:
-        return vault_decrypt(secret)
+        vault_decrypt(secret)
     except ImproperlyConfigured:
         return None
+    return secret
 
 
-def approval_webhook_send(*, approval_id: uuid.UUID, event_type: str) -> Future | None:
-    """Build the event from what was committed and queue its delivery. Runs from transaction.on_commit,
-    on the request's thread: a few quick queries here, every network wait in the background."""
-    approval = Approval.objects.select_related("group", "group__webhook_secret", "team").filter(pk=approval_id).first()
-    if approval is None or not approval.group.webhook_url:
-        return None
-    label = f"{approval.team.name}/{approval.group.name}"
-    secret = _signing_secret(approval.group)
+def approval_webhook_record(*, approval: Approval, event_type: str) -> WebhookDelivery | None:
+    """Record the event for the group's receiver, built from the state the caller's transaction is
+    writing, and queue its delivery: a rolled-back change sends nothing, a committed one is delivered even
+    if this process dies right after. Runs inside the caller's transaction."""
+    approval = Approval.objects.select_related("group", "group__webhook_secret", "team").get(pk=approval.pk)
+    group = approval.group
+    label = f"{approval.team.name}/{group.name}"
+    secret = _signing_secret(group)
     if secret is None:
         logger.warning("webhook %s for group %s not sent: the group has no usable webhook_secret", event_type, label)
         return None
     calls = list(approval.tool_executions.filter(requires_approval=True).order_by("position"))
     payload = webhook_payload(event_type=event_type, approval=approval, tool_executions=calls)
-    body = json.dumps(payload, separators=(",", ":")).encode()
+    delivery = WebhookDelivery.objects.create(
+        id=payload["id"],
+        event_type=event_type,
+        url=group.webhook_url,
+        body=json.dumps(payload, separators=(",", ":")),
+        secret=secret,
+        label=label,
+        next_attempt_at=timezone.now(),
+    )
+    webhook_deliver.enqueue(delivery.id)
+    return delivery
+
+
+# --- Delivery, in the worker -------------------------------------------------------------------------
+
+
+def webhook_attempt(*, delivery_id: str) -> str:
+    """One attempt at a pending delivery that is due (else nothing): POST it, then record the outcome —
+    delivered, failed (refused, or out of attempts: logged, without secrets) or retried later with
+    backoff (its next attempt queued). Returns the delivery's status."""
+    delivery = _claim(delivery_id)
+    if delivery is None:
+        return "not due"
+    body = delivery.body.encode()
     headers = {
         "Content-Type": "application/json",
         "User-Agent": USER_AGENT,
-        EVENT_HEADER: event_type,
-        DELIVERY_HEADER: payload["id"],
-        SIGNATURE_HEADER: webhook_signature(secret, body),
+        EVENT_HEADER: delivery.event_type,
+        DELIVERY_HEADER: delivery.id,
     }
-    delivery = Delivery(approval.group.webhook_url, body, headers, payload["id"], event_type, label)
-    return _sender.submit(delivery)
+    if delivery.secret is None:
+        outcome = _Outcome(ok=False, retry=False, detail="its signing secret was deleted")
+    else:
+        headers[SIGNATURE_HEADER] = webhook_signature(vault_decrypt(delivery.secret), body)
+        outcome = asyncio.run(_attempt(delivery.url, body, headers))
+    return _outcome_record(delivery, outcome)
 
 
-# --- Delivery, in the background ------------------------------------------------------------------
+def _claim(delivery_id: str) -> WebhookDelivery | None:
+    """Take a pending, due delivery for one attempt: its next attempt moves past this one's end (twice its
+    timeout), so no other worker sends it meanwhile (a duplicated task finds it not due); a worker that
+    dies mid-attempt leaves it due again then."""
+    now = timezone.now()
+    held_until = now + 2 * _timeout()
+    claimed = WebhookDelivery.objects.filter(
+        pk=delivery_id, status=WebhookDelivery.Status.PENDING, next_attempt_at__lte=now
+    ).update(next_attempt_at=held_until)
+    return WebhookDelivery.objects.select_related("secret").get(pk=delivery_id) if claimed else None
 
 
-class _Sender:
-    """A daemon thread running its own event loop, started on first use: deliveries and their backoff
-    sleeps wait there, concurrently, so a slow or dead receiver delays nothing else. At exit, the process
-    gives deliveries still under way a short while (a command like expire_approvals ends right after)."""
-
-    drain_seconds = 10.0
-
-    def __init__(self) -> None:
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._lock = threading.Lock()
-        self._pending: set[Future] = set()
-
-    def _running_loop(self) -> asyncio.AbstractEventLoop:
-        with self._lock:
-            if self._loop is None:
-                self._loop = asyncio.new_event_loop()
-                threading.Thread(target=self._loop.run_forever, name="kitemesh-webhooks", daemon=True).start()
-                atexit.register(self.drain)
-            return self._loop
-
-    def submit(self, delivery: Delivery) -> Future:
-        future = asyncio.run_coroutine_threadsafe(webhook_deliver(delivery), self._running_loop())
-        with self._lock:
-            self._pending.add(future)
-        future.add_done_callback(self._forget)
-        return future
-
-    def _forget(self, future: Future) -> None:
-        with self._lock:
-            self._pending.discard(future)
-
-    def drain(self, timeout: float | None = None) -> None:
-        """Wait (bounded) for the deliveries under way."""
-        with self._lock:
-            pending = list(self._pending)
-        concurrent.futures.wait(pending, timeout=self.drain_seconds if timeout is None else timeout)
+@task()
+def webhook_deliver(delivery_id: str) -> str:
+    """The worker's job for a delivery: one attempt (webhook_attempt)."""
+    return webhook_attempt(delivery_id=delivery_id)
 
 
-_sender = _Sender()
+@transaction.atomic
+def _outcome_record(delivery: WebhookDelivery, outcome: "_Outcome") -> str:
+    delivery.attempts += 1
+    delivery.last_error = "" if outcome.ok else outcome.detail[:500]
+    if outcome.ok:
+        delivery.status, delivery.delivered_at = WebhookDelivery.Status.DELIVERED, timezone.now()
+        logger.info("webhook %s %s delivered to %s", delivery.event_type, delivery.id, _host(delivery.url))
+    elif outcome.retry and delivery.attempts < max(1, settings.KITEMESH_WEBHOOK_ATTEMPTS):
+        backoff = settings.KITEMESH_WEBHOOK_BACKOFF_SECONDS * 2 ** (delivery.attempts - 1)
+        delivery.next_attempt_at = timezone.now() + timedelta(seconds=backoff)
+        webhook_deliver.using(run_after=delivery.next_attempt_at).enqueue(delivery.id)
+    else:
+        delivery.status = WebhookDelivery.Status.FAILED
+        logger.warning(
+            "webhook %s %s for group %s not delivered to %s after %d attempt(s): %s",
+            delivery.event_type,
+            delivery.id,
+            delivery.label,
+            _host(delivery.url),
+            delivery.attempts,
+            outcome.detail,
+        )
+    delivery.save(update_fields=["attempts", "last_error", "status", "delivered_at", "next_attempt_at"])
+    return delivery.status
+
+
+def webhook_deliveries_requeue() -> int:
+    """Queue again the deliveries a dead worker left pending: due for longer than an attempt takes (their
+    own task would have run). The sweep's part in delivering at least once. How many were queued."""
+    stuck = WebhookDelivery.objects.filter(
+        status=WebhookDelivery.Status.PENDING, next_attempt_at__lt=timezone.now() - _timeout()
+    ).values_list("pk", flat=True)
+    queued = 0
+    for delivery_id in stuck.iterator():
+        webhook_deliver.enqueue(delivery_id)
+        queued += 1
+    return queued
+
+
+def _host(url: str) -> str:
+    # Logs name the host only: a URL's path or query can carry the receiver's own token.
+    return httpx.URL(url).host
 
 
 @dataclass
@@ -169,38 +205,14 @@ class _Outcome:
     detail: str
 
 
-async def webhook_deliver(delivery: Delivery) -> bool:
-    """POST until the receiver answers 2xx, at most KITEMESH_WEBHOOK_ATTEMPTS times; True when delivered.
-    Every attempt sends the same body and event id, so a receiver can drop duplicates."""
-    attempts = max(1, settings.KITEMESH_WEBHOOK_ATTEMPTS)
-    for attempt in range(1, attempts + 1):
-        outcome = await _attempt(delivery)
-        if outcome.ok:
-            logger.info("webhook %s %s delivered to %s", delivery.event_type, delivery.event_id, delivery.host)
-            return True
-        if not outcome.retry or attempt == attempts:
-            break
-        await asyncio.sleep(settings.KITEMESH_WEBHOOK_BACKOFF_SECONDS * 2 ** (attempt - 1))
-    logger.warning(
-        "webhook %s %s for group %s not delivered to %s after %d attempt(s): %s",
-        delivery.event_type,
-        delivery.event_id,
-        delivery.group,
-        delivery.host,
-        attempt,
-        outcome.detail,
-    )
-    return False
-
-
-async def _attempt(delivery: Delivery) -> _Outcome:
+async def _attempt(url: str, body: bytes, headers: dict[str, str]) -> _Outcome:
     try:
-        addresses = await destination_check(delivery.url)
+        async with asyncio.timeout(_timeout().total_seconds()):
+            addresses = await destination_check(url)
+            status = await _post_pinned(url, body, headers, addresses)
     except DestinationBlocked as exc:
         return _Outcome(ok=False, retry=False, detail=f"blocked destination: {exc}")
-    try:
-        status = await _post_pinned(delivery, addresses)
-    except httpx.TimeoutException:
+    except (TimeoutError, httpx.TimeoutException):
         return _Outcome(ok=False, retry=True, detail="timed out")
     except httpx.HTTPError as exc:
         # Only the kind of failure: some messages quote request headers, and those carry the signature.
@@ -210,21 +222,21 @@ async def _attempt(delivery: Delivery) -> _Outcome:
     return _Outcome(ok=False, retry=status >= 500 or status in _RETRY_STATUSES, detail=f"HTTP {status}")
 
 
-async def _post_pinned(delivery: Delivery, addresses: list[IPAddress]) -> int:
+async def _post_pinned(url: str, body: bytes, headers: dict[str, str], addresses: list[IPAddress]) -> int:
     """POST to the first checked address that accepts a connection (DNS is not asked again, so it cannot
     change between the check and the use); the Host header and TLS server name stay the URL's."""
-    url = httpx.URL(delivery.url)
-    host = url.raw_host.decode("ascii")
+    target = httpx.URL(url)
+    host = target.raw_host.decode("ascii")
     extensions: dict[str, Any] = {"timeout": httpx.Timeout(settings.KITEMESH_WEBHOOK_TIMEOUT_SECONDS).as_dict()}
-    if url.scheme == "https" and literal_address(host) is None:
+    if target.scheme == "https" and literal_address(host) is None:
         extensions["sni_hostname"] = host
-    headers = {"Host": url.netloc.decode("ascii"), **delivery.headers}
+    headers = {"Host": target.netloc.decode("ascii"), **headers}
     # No proxies or .netrc from the environment, no redirects: the checked address is the only one reached.
     async with httpx.AsyncClient(trust_env=False, follow_redirects=False) as client:
         error: httpx.ConnectError | None = None
         for ip in addresses:
             request = httpx.Request(
-                "POST", url.copy_with(host=str(ip)), headers=headers, content=delivery.body, extensions=extensions
+                "POST", target.copy_with(host=str(ip)), headers=headers, content=body, extensions=extensions
             )
             try:
                 response = await client.send(request, stream=True)

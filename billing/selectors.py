@@ -175,10 +175,11 @@ class ChargeLinks:
 def ledger_charge_links(*, entries: Iterable[LedgerEntry]) -> dict[int, ChargeLinks]:
     """Tool executions and approvals behind each charge of `entries` (two queries for the whole batch).
 
-    A charge has no column naming its tool runs: one request's steps and its release/charge entries are
-    written in one settle transaction (chat.services.executions.execution_settle), after every hold entry
-    of that request. So the steps of a charge are those of its execution created after the entry that
-    precedes the charge's release and no later than that release."""
+    A charge has no column naming its tool runs: one request's release/charge entries are written by its
+    settlement (chat.services.executions.execution_settle), and its steps after the release that came
+    before it (the previous request's settlement, or the release of the approval's hold when it resumed)
+    and no later than its own release. So the steps of a charge are those of its execution created in
+    that window."""
     charges = [e for e in entries if e.kind == LedgerEntry.Kind.CHARGE and e.execution_id]
     if not charges:
         return {}
@@ -231,13 +232,10 @@ def _settle_window(
     timeline: list[tuple[int, str, datetime]], charge_id: int
 ) -> tuple[datetime | None, datetime] | None:
     """(after, until] of the settle that wrote `charge_id`, from its execution's entries in id order."""
-    before = [row for row in timeline if row[0] < charge_id]
-    releases = [i for i, row in enumerate(before) if row[1] == LedgerEntry.Kind.RELEASE]
+    releases = [row[2] for row in timeline if row[0] < charge_id and row[1] == LedgerEntry.Kind.RELEASE]
     if not releases:
         return None
-    release = releases[-1]
-    after = before[release - 1][2] if release > 0 else None
-    return after, before[release][2]
+    return (releases[-2] if len(releases) > 1 else None), releases[-1]
 
 
 def batched(items: Iterator, size: int) -> Iterator[list]:

@@ -23,6 +23,7 @@ from billing.services.ledger import credits_grant
 from chat.errors import ApiError
 from chat.models import Team
 from chat.selectors import team_list_for_user
+from chat.services.recovery import execution_recover_if_lapsed
 
 LEDGER_PAGE_SIZE = 50
 
@@ -119,6 +120,8 @@ def execution_detail_view(request: HttpRequest, execution_id: uuid.UUID) -> Http
     execution = selectors.execution_for_finance_get(teams=_teams(request), execution_id=execution_id)
     if execution is None:
         raise Http404("No such execution.")
+    if execution_recover_if_lapsed(execution=execution):  # its process died: show what recovery made of it
+        execution = selectors.execution_for_finance_get(teams=_teams(request), execution_id=execution_id)
     return render(
         request,
         "billing/execution.html",

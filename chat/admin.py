@@ -75,8 +75,8 @@ class CustomModelAdmin(admin.ModelAdmin):
 @admin.register(Tool)
 class ToolAdmin(admin.ModelAdmin):
     formfield_overrides = URL_FIELDS
-    list_display = ["name", "team", "method", "url", "requires_approval", "price"]
-    list_filter = ["team", "requires_approval"]
+    list_display = ["name", "team", "method", "url", "requires_approval", "idempotent", "price"]
+    list_filter = ["team", "requires_approval", "idempotent"]
 
 
 class GroupAgentInline(admin.TabularInline):

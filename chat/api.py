@@ -13,7 +13,7 @@ from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from approvals.selectors import approval_for_token_get, approval_with_calls_get
+from approvals.selectors import approval_with_calls_get
 from approvals.services import approval_expire, approval_resume_claim
 from billing.selectors import credit_account_get
 from chat.authentication import bearer_secret
@@ -46,6 +46,7 @@ from chat.selectors import (
     group_list_for_token,
 )
 from chat.services.rate_limits import request_admit, stream_admit, stream_release
+from chat.services.recovery import approval_recovered_get, execution_recover_if_lapsed
 from chat.services.tokens import INVALID_TOKEN_MESSAGE, token_authenticate, token_recent
 from chat.wire import (
     ChatRequest,
@@ -245,7 +246,7 @@ class ChatResumeApi(ApiView):
 
     @staticmethod
     async def _answer(request: Request, token: ApiToken, resume: ResumeRequest, slots: list[str]):
-        approval = await in_db_thread(approval_for_token_get, token=token, approval_id=resume.approval_id)
+        approval = await in_db_thread(approval_recovered_get, token=token, approval_id=resume.approval_id)
         if approval.group_id != resume.chat.group_id:
             raise InvalidRequest(f"This approval belongs to 'group:{approval.group_id}'.", param="model")
         parts = await _group_for_run(token, approval.group_id)
@@ -282,7 +283,7 @@ def _uuid(value: str, what: str, code: str) -> uuid.UUID:
 class ApprovalDetailApi(ApiView):
     @approval_detail_schema
     def get(self, request: Request, approval_id: str) -> Response:
-        approval = approval_for_token_get(
+        approval = approval_recovered_get(
             token=request.auth, approval_id=_uuid(approval_id, "approval", "approval_not_found")
         )
         approval_expire(approval=approval)  # expiry is also applied lazily, whenever an approval is touched
@@ -293,9 +294,10 @@ class ApprovalDetailApi(ApiView):
 class ExecutionDetailApi(ApiView):
     @execution_detail_schema
     def get(self, request: Request, execution_id: str) -> Response:
-        execution = execution_for_token_get(
-            token=request.auth, execution_id=_uuid(execution_id, "execution", "execution_not_found")
-        )
+        execution_id = _uuid(execution_id, "execution", "execution_not_found")
+        execution = execution_for_token_get(token=request.auth, execution_id=execution_id)
+        if execution_recover_if_lapsed(execution=execution):
+            execution = execution_for_token_get(token=request.auth, execution_id=execution_id)
         return Response(execution_body(execution))
 
 

@@ -109,6 +109,11 @@ class Tool(models.Model):
     auth_header = models.CharField(max_length=100, blank=True, help_text="Header name for auth type 'header'.")
     auth_secret = models.ForeignKey(VaultSecret, null=True, blank=True, on_delete=models.PROTECT, related_name="tools")
     requires_approval = models.BooleanField(default=False)
+    idempotent = models.BooleanField(
+        default=False,
+        help_text="Safe to send twice with the same Idempotency-Key: a call whose outcome a crash left unknown "
+        "is sent again when its approval is resumed.",
+    )
     approver = models.CharField(max_length=10, choices=Approver.choices, default=Approver.ANY)
     risk = models.CharField(max_length=10, choices=Risk.choices, blank=True, help_text="Overrides the method's.")
     price = models.DecimalField(max_digits=16, decimal_places=6, default=Decimal(0))
@@ -261,11 +266,18 @@ class Execution(models.Model):
     credits_charged = models.PositiveIntegerField(default=0)
     response = models.JSONField(null=True, blank=True, help_text="Non-stream response body, for replays.")
     error = models.JSONField(null=True, blank=True)
+    lease_expires_at = models.DateTimeField(
+        null=True, blank=True, help_text="While running: renewed by the process working on it; lapsed, it died."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
-        indexes = [models.Index(fields=["team", "-created_at"])]
+        indexes = [
+            models.Index(fields=["team", "-created_at"]),
+            # The sweep's question, over the few running rows only.
+            models.Index(fields=["lease_expires_at"], condition=Q(status="running"), name="execution_running_lease"),
+        ]
         constraints = [
             models.UniqueConstraint(
                 fields=["team", "request_id"], condition=Q(client_request_id=True), name="execution_idempotency_key"
@@ -305,6 +317,11 @@ class Step(models.Model):
     )
     latency_ms = models.PositiveIntegerField(default=0)
     error = models.CharField(max_length=500, blank=True)
+    settled = models.BooleanField(
+        default=True,
+        help_text="Charged by its request's settlement. A step written while its run works is not yet: a run "
+        "recovered after a crash charges those.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -315,10 +332,11 @@ class Step(models.Model):
 
 
 class ToolExecution(models.Model):
-    """One tool call the brain asked for; its UUID is the id clients see. The status only moves forward,
-    each move a conditional update (pending → approved/denied → running → succeeded/failed), so no path
-    can run a call twice. `arguments` is exactly what was shown for approval; `arguments_hash` is checked
-    again before sending."""
+    """One tool call the brain asked for; its UUID is the id clients see, and the Idempotency-Key of every
+    send. The status only moves forward, each move a conditional update (pending → approved/denied →
+    running → succeeded/failed, or unknown when the run's process died while it was sent), so no path can
+    run a call twice; only an idempotent tool's unknown call is sent again (unknown → running).
+    `arguments` is exactly what was shown for approval; `arguments_hash` is checked again before sending."""
 
     class Status(models.TextChoices):
         PENDING = "pending"
@@ -327,6 +345,7 @@ class ToolExecution(models.Model):
         RUNNING = "running"
         SUCCEEDED = "succeeded"
         FAILED = "failed"
+        UNKNOWN = "unknown"
 
     class DecidedVia(models.TextChoices):
         AUTO = "auto", "No approval needed"

@@ -448,6 +448,12 @@ class ExecutionApprovalSerializer(serializers.Serializer):
     status = serializers.ChoiceField(choices=Approval.Status.choices)
 
 
+class ExecutionErrorSerializer(serializers.Serializer):
+    type = serializers.ChoiceField(choices=ERROR_TYPES)
+    code = serializers.CharField()
+    message = serializers.CharField()
+
+
 class ExecutionSerializer(serializers.Serializer):
     """A run through a group (a completion and its resumes): every model call and tool run as a step,
     usage and credits in total."""
@@ -463,6 +469,11 @@ class ExecutionSerializer(serializers.Serializer):
     finished_at = serializers.DateTimeField(allow_null=True)
     usage = UsageSerializer()
     credits_charged = serializers.IntegerField(min_value=0)
+    error = ExecutionErrorSerializer(
+        allow_null=True,
+        help_text="Why a failed run failed: for example `upstream_error`, or `run_interrupted` when the process "
+        "running it stopped (what it completed was charged).",
+    )
     steps = PolymorphicProxySerializer(
         component_name="ExecutionStep",
         serializers={

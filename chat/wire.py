@@ -555,6 +555,7 @@ def execution_body(execution: Any) -> dict:
         "finished_at": iso(execution.finished_at),
         "usage": usage_body(execution.prompt_tokens, execution.completion_tokens),
         "credits_charged": execution.credits_charged,
+        "error": {k: execution.error[k] for k in ("type", "code", "message")} if execution.error else None,
         "steps": steps,
         "approvals": [{"id": str(a.id), "status": a.status} for a in execution.approvals.all()],
     }

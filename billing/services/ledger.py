@@ -4,7 +4,6 @@ account — in one transaction. Nothing else writes CreditAccount."""
 import functools
 import math
 from dataclasses import dataclass
-from datetime import timedelta
 from decimal import Decimal
 
 from django.contrib.auth.models import AbstractBaseUser
@@ -206,19 +205,6 @@ def hold_release(*, hold: Hold) -> bool:
             execution_id=hold.execution_id,
         )
     return bool(updated)
-
-
-def holds_release_stale(*, older_than_seconds: int) -> int:
-    """Release the holds of runs that died without settling (a worker killed mid-request, a failed final
-    write): active holds older than any request can last, whose execution is still marked running.
-    Paused runs keep theirs until their approval expires. Returns how many were released."""
-    cutoff = timezone.now() - timedelta(seconds=older_than_seconds)
-    stale = Hold.objects.filter(status=Hold.Status.ACTIVE, created_at__lt=cutoff, execution__status="running")
-    released = 0
-    for hold in stale.iterator():
-        with transaction.atomic(durable=True):
-            released += hold_release(hold=hold)
-    return released
 
 
 # --- The request path on PostgreSQL: each of its transactions one statement (kitemesh_site.sql) -----

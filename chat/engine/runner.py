@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any, TypeVar
 
 from django.conf import settings
 
@@ -48,7 +49,9 @@ from chat.selectors import model_endpoint_get
 from chat.services.executions import (
     ExecutionStart,
     execution_finish,
+    execution_lease_renew,
     execution_start,
+    steps_write,
     tool_execution_finish,
     tool_execution_start,
 )
@@ -61,6 +64,7 @@ _CALL_ID_LENGTH = ToolExecution._meta.get_field("call_id").max_length
 _TOOL_NAME_LENGTH = ToolExecution._meta.get_field("tool_name").max_length
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def model_cost(model: CustomModel, usage: Usage) -> Decimal:
@@ -118,7 +122,8 @@ class Run:
     agents: dict[str, Agent] = field(default_factory=dict)
     resumed_round: list[ToolExecution] = field(default_factory=list)  # decided calls to run first
     reserved: int = 0  # worst case of the steps taken or started, covered by `hold`
-    steps: list[Step] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)  # this request's, in the order they ended
+    steps_written: int = 0  # how many of them are in the database already (written while the run works)
     completion_id: str = field(default_factory=lambda: "chatcmpl_" + random_hex())
     created: int = field(default_factory=lambda: int(time.time()))
     settlement: asyncio.Future | None = field(default=None, repr=False)  # the one finish of this request
@@ -146,8 +151,16 @@ class Run:
             return
         extra = self.reserved + amount - (self.hold.amount if self.hold else 0)
         if extra > 0:
-            self.hold = await in_db_thread(hold_reserve, execution=self.execution, hold=self.hold, amount=extra)
+            self.hold = await self.db(hold_reserve, execution=self.execution, hold=self.hold, amount=extra)
         self.reserved += amount
+
+    async def db(self, work: Callable[..., T], /, **kwargs: Any) -> T:
+        """`work(**kwargs)` in a database thread, after writing the steps that ended since the run last
+        wrote: a run whose process dies then has on record every model call and tool run it completed,
+        which its recovery charges (chat.services.recovery)."""
+        steps = self.steps[self.steps_written :]
+        self.steps_written = len(self.steps)
+        return await in_db_thread(_after_steps_written, steps=steps, work=work, kwargs=kwargs)
 
     def step_model(
         self, model: CustomModel, agent: str, usage: Usage, started: float, status: str, error: str = ""
@@ -219,6 +232,7 @@ class Run:
                 execution=self.execution,
                 hold=self.hold,
                 steps=self.steps,
+                steps_written=self.steps_written,
                 status=status,
                 response=response,
                 error=error,
@@ -323,7 +337,7 @@ class Run:
     async def tools_run(self, calls: list[ToolExecution]) -> AsyncIterator[Progress]:
         """Run the approved calls and delegations (in parallel, each exactly once), tell the model about
         the denied and the unknown ones; tool messages follow in the order the model asked."""
-        await self.reserve(tools_price([c.tool for c in calls if c.status == ToolExecution.Status.APPROVED]))
+        await self.reserve(tools_price([c.tool for c in calls if _will_send(c)]))
         delegations = [c for c in calls if c.tool_name == DELEGATE_TOOL and self.mode == Mode.ORCHESTRATION]
         contents: dict[uuid.UUID, str] = {}
         if delegations:
@@ -338,9 +352,13 @@ class Run:
     async def delegations_run(
         self, calls: list[ToolExecution], contents: dict[uuid.UUID, str]
     ) -> AsyncIterator[Progress]:
-        """Each delegate call runs its agent on its task; the answer (or why not) is the tool message."""
+        """Each delegate call runs its agent on its task; the answer (or why not) is the tool message. One
+        that completed before a crash keeps its answer."""
         jobs = {}
         for call in calls:
+            if call.status in _COMPLETED:
+                contents[call.id] = call.response_body
+                continue
             try:
                 agent, task = delegate_arguments(call.arguments, self.agents)
             except ValueError as exc:
@@ -354,7 +372,7 @@ class Run:
                     answer if answer is not None else json.dumps({"error": f"The agent failed: {error}"})
                 )
             yield progress
-        await in_db_thread(_delegations_record, calls=calls, contents=contents)
+        await self.db(_delegations_record, calls=[c for c in calls if c.status not in _COMPLETED], contents=contents)
 
     async def tool_message(self, call: ToolExecution) -> str:
         if call.tool is None:
@@ -362,11 +380,16 @@ class Run:
         if call.status == ToolExecution.Status.DENIED:
             reason = f": {call.decision_reason}" if call.decision_reason else ""
             return json.dumps({"error": f"The tool call was denied by {call.decided_by or 'the approver'}{reason}"})
-        if not await in_db_thread(tool_execution_start, tool_execution=call):
+        if call.status in _COMPLETED:  # before a crash: its result is kept, it is not sent again
+            return _recorded_result(call).model_content()
+        if not _will_send(call):
+            return json.dumps({"error": UNKNOWN_OUTCOME})
+        if not await self.db(tool_execution_start, tool_execution=call):
             return json.dumps({"error": "This tool call was already run."})
         started = time.monotonic()
         result = await _tool_result(call)
-        await in_db_thread(
+        self.step_tool(call, call.tool, result, started)
+        await self.db(
             tool_execution_finish,
             tool_execution=call,
             ok=result.ok,
@@ -374,7 +397,6 @@ class Run:
             body=result.body,
             error=result.error,
         )
-        self.step_tool(call, call.tool, result, started)
         return result.model_content()
 
     async def pause(self, calls: list[ToolExecution]) -> Pause:
@@ -398,6 +420,7 @@ class Run:
             group=self.group,
             hold=self.hold,
             steps=self.steps,
+            steps_written=self.steps_written,
             tool_executions=calls,
             state={"messages": self.messages, "params": self.params, "mode": self.mode},
             hold_amount=tools_price([c.tool for c in calls]),
@@ -413,11 +436,44 @@ def _partial_usage(messages: list[dict], produced: str) -> Usage:
 
 
 def _delegations_record(calls: list[ToolExecution], contents: dict[uuid.UUID, str]) -> None:
-    """Delegations are tool executions too, so the execution's record shows what each agent was asked."""
+    """Delegations are tool executions too, so the execution's record shows what each agent was asked
+    and answered (an interrupted round resumed again keeps those answers)."""
     for call in calls:
         if tool_execution_start(tool_execution=call):
             failed = contents[call.id].startswith('{"error"')
-            tool_execution_finish(tool_execution=call, ok=not failed, status_code=None, body="", error="")
+            tool_execution_finish(
+                tool_execution=call, ok=not failed, status_code=None, body=contents[call.id], error=""
+            )
+
+
+def _after_steps_written(*, steps: list[Step], work: Callable[..., T], kwargs: dict) -> T:
+    if steps:
+        steps_write(steps=steps)
+    return work(**kwargs)
+
+
+_COMPLETED = (ToolExecution.Status.SUCCEEDED, ToolExecution.Status.FAILED)
+UNKNOWN_OUTCOME = (
+    "The outcome of this tool call is unknown: KiteMesh stopped while sending it, so it may or may not have "
+    "taken effect. It was not sent again."
+)
+
+
+def _will_send(call: ToolExecution) -> bool:
+    """Approved and not yet sent, or (an idempotent tool's) sent before a crash with no known outcome."""
+    Status = ToolExecution.Status
+    return call.status == Status.APPROVED or (
+        call.status == Status.UNKNOWN and call.tool is not None and call.tool.idempotent
+    )
+
+
+def _recorded_result(call: ToolExecution) -> ToolResult:
+    return ToolResult(
+        sent=call.response_status is not None,
+        status_code=call.response_status,
+        body=call.response_body,
+        error=call.error,
+    )
 
 
 async def _agents_run(run: Run, jobs: dict) -> AsyncIterator[tuple[Progress, object, str | None, str]]:
@@ -454,7 +510,7 @@ async def _tool_result(call: ToolExecution) -> ToolResult:
         arguments = tool_arguments_parse(call.tool, call.arguments)
     except ToolArgumentsInvalid as exc:
         return ToolResult(sent=False, status_code=None, body="", error=f"Invalid arguments, not sent: {exc}")
-    return await tool_call_run(tool=call.tool, arguments=arguments)
+    return await tool_call_run(tool=call.tool, arguments=arguments, idempotency_key=str(call.id))
 
 
 async def run_events(run: Run) -> AsyncIterator[str | Progress | Answer | Pause]:
@@ -483,7 +539,7 @@ async def run_events(run: Run) -> AsyncIterator[str | Progress | Answer | Pause]
         if any(c.requires_approval for c in calls):
             yield await run.pause(calls)
             return
-        await in_db_thread(ToolExecution.objects.bulk_create, objs=calls)
+        await run.db(ToolExecution.objects.bulk_create, objs=calls)
         async for progress in run.tools_run(calls):
             yield progress
     raise UpstreamError(
@@ -676,8 +732,21 @@ def _delta_tool_calls(tool_calls: list[dict]) -> list[dict]:
     return [{"index": i, **call} for i, call in enumerate(tool_calls)]
 
 
+async def _lease_renewals(execution: Execution) -> None:
+    """While a run works, its process renews the lease on its execution, every third of
+    KITEMESH_RUN_LEASE_SECONDS (run_complete and run_stream cancel this when the run ends): a lease left to
+    lapse tells the sweep and any reader that the process died (chat.services.recovery)."""
+    while True:
+        await asyncio.sleep(settings.KITEMESH_RUN_LEASE_SECONDS / 3)
+        try:
+            await in_db_thread(execution_lease_renew, execution=execution)
+        except Exception:  # the database is away: try again at the next turn, before the lease lapses
+            logger.warning("run %s: its lease could not be renewed", execution.id, exc_info=True)
+
+
 async def run_complete(run: Run) -> dict:
     """Answer a request with one JSON body: the final answer, or the approval pause."""
+    renewals = asyncio.ensure_future(_lease_renewals(run.execution))
     try:
         async for event in run_events(run):
             if isinstance(event, Pause):
@@ -699,6 +768,8 @@ async def run_complete(run: Run) -> dict:
         if error is None or error is exc:
             raise
         raise error from exc
+    finally:
+        renewals.cancel()
     raise AssertionError("run_events ends with an answer or a pause")
 
 
@@ -709,6 +780,7 @@ async def run_stream(run: Run) -> AsyncIterator[bytes]:
     opening = sse_event(chunk_body(**chunk, delta={"role": "assistant", "content": ""}))
     sent = False
     events = run_events(run)
+    renewals = asyncio.ensure_future(_lease_renewals(run.execution))
     try:
         async for event in events:
             if not sent:
@@ -754,6 +826,8 @@ async def run_stream(run: Run) -> AsyncIterator[bytes]:
             raise error from exc
         yield sse_event(error_body(error, run.request_id))
         yield SSE_DONE
+    finally:
+        renewals.cancel()
 
 
 async def replay_stream(body: dict, include_usage: bool) -> AsyncIterator[bytes]:

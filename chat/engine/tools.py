@@ -30,6 +30,7 @@ DEFAULT_TIMEOUT_SECONDS = 10.0
 TRUNCATED_MARK = "…[truncated]"
 REDACTED = "[redacted]"
 USER_AGENT = "KiteMesh-Tool/1"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 _SECRET_KEY_PARTS = ("token", "password", "secret", "api_key", "apikey", "authorization")
 _METHOD_RISK = {"GET": "low", "HEAD": "low", "POST": "medium", "PUT": "medium", "PATCH": "medium", "DELETE": "high"}
@@ -182,15 +183,19 @@ class _Progress:
             self.sent = True
 
 
-async def tool_call_run(*, tool: Tool, arguments: dict, resolve: Resolver | None = None) -> ToolResult:
-    """Call the tool with validated arguments. `tool.auth_secret` must be loaded (select_related): no query
-    runs here. Never raises for network or HTTP trouble; the secret never appears in the result or logs."""
+async def tool_call_run(
+    *, tool: Tool, arguments: dict, idempotency_key: str, resolve: Resolver | None = None
+) -> ToolResult:
+    """Call the tool with validated arguments, sending `Idempotency-Key: <idempotency_key>` (the tool
+    execution's id: the same on every send of one call, so the service can drop a duplicate).
+    `tool.auth_secret` must be loaded (select_related): no query runs here. Never raises for network or
+    HTTP trouble; the secret never appears in the result or logs."""
     timeout = float(getattr(settings, "KITEMESH_TOOL_TIMEOUT_SECONDS", DEFAULT_TIMEOUT_SECONDS))
     progress = _Progress()
     secret = ""
     try:
         secret, auth = _auth(tool)
-        hop = _first_hop(tool, arguments, auth)
+        hop = _first_hop(tool, arguments, auth, idempotency_key)
         async with asyncio.timeout(timeout):
             result = await _exchange(hop, resolve, timeout, progress)
     except _CallRefused as exc:
@@ -219,13 +224,13 @@ def _auth(tool: Tool) -> tuple[str, dict[str, str]]:
     raise _CallRefused(f"the tool {tool.name!r} has an incomplete auth configuration ({tool.auth_type})")
 
 
-def _first_hop(tool: Tool, arguments: dict, auth: dict[str, str]) -> _Hop:
+def _first_hop(tool: Tool, arguments: dict, auth: dict[str, str], idempotency_key: str) -> _Hop:
     method = tool.method.upper()
     try:
         url = httpx.URL(tool.url)
     except (httpx.InvalidURL, TypeError):
         raise _CallRefused(f"the tool {tool.name!r} has an invalid URL") from None
-    headers = {"User-Agent": USER_AGENT, "Accept": "application/json, */*;q=0.5"}
+    headers = {"User-Agent": USER_AGENT, "Accept": "application/json, */*;q=0.5", IDEMPOTENCY_HEADER: idempotency_key}
     if method in _BODY_METHODS:
         headers["Content-Type"] = "application/json"
         body = json.dumps(arguments, ensure_ascii=False, separators=(",", ":")).encode()

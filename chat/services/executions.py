@@ -3,8 +3,10 @@ outcome) — each one short transaction, so no transaction stays open while a mo
 
 import logging
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from decimal import Decimal
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
@@ -33,7 +35,13 @@ class ExecutionStart:
 
 
 def _earlier_for_request_id(*, team_id: int, request_id: str, body_hash: str) -> Execution | None:
+    """The execution that holds this client request_id, unless a retry may run anew."""
+    from chat.services.recovery import execution_recover_if_lapsed  # (recovery builds on this module)
+
     earlier = Execution.objects.filter(team_id=team_id, request_id=request_id, client_request_id=True).first()
+    if earlier is not None and execution_recover_if_lapsed(execution=earlier):
+        earlier.refresh_from_db()  # its process died: failed (its request_id freed), or paused
+        earlier = earlier if earlier.client_request_id else None
     if earlier is None:
         return None
     if earlier.request_hash != body_hash:
@@ -82,6 +90,7 @@ def execution_start(
         mode=mode,
         stream=stream,
         metadata=metadata,
+        lease_expires_at=lease_deadline(),
     )
     try:
         if hold_amount > 0 and single_statement_writes():
@@ -103,16 +112,45 @@ def execution_start(
     return ExecutionStart(execution=execution, hold=hold)
 
 
-def execution_settle(*, execution: Execution, hold: Hold | None, steps: list[Step]) -> int:
-    """Write one request's steps, settle its hold into one charge and add its usage to the execution's
-    totals (a run that pauses and resumes is several requests). Runs inside the caller's transaction;
-    returns the credits charged for this request."""
-    if steps:
-        sql_insert(steps)
+def lease_deadline() -> datetime:
+    """When a run's lease lapses unless its process renews it."""
+    return timezone.now() + timedelta(seconds=settings.KITEMESH_RUN_LEASE_SECONDS)
+
+
+def execution_lease_renew(*, execution: Execution) -> bool:
+    """Extend a running execution's lease; False when it is running no more (finished, or recovered)."""
+    return bool(
+        Execution.objects.filter(pk=execution.pk, status=Execution.Status.RUNNING).update(
+            lease_expires_at=lease_deadline()
+        )
+    )
+
+
+def steps_write(*, steps: list[Step]) -> None:
+    """Write steps that ended while their run goes on, not yet settled: they are charged by their
+    request's settlement, or by its recovery if its process dies first."""
+    for step in steps:
+        step.settled = False
+    sql_insert(steps)
+
+
+def execution_settle(*, execution: Execution, hold: Hold | None, steps: list[Step], steps_written: int = 0) -> int:
+    """Write one request's steps (the first `steps_written` are written already, and are now marked
+    settled), settle its hold into one charge and add its usage to the execution's totals (a run that
+    pauses and resumes is several requests). Runs inside the caller's transaction; returns the credits
+    charged for this request."""
+    if len(steps) > steps_written:
+        sql_insert(steps[steps_written:])
+    if steps_written:
+        _steps_settled(execution)
     charged = hold_settle(hold=hold, cost=_cost(steps)) if hold is not None else 0
     _usage_add(execution, steps)
     execution.credits_charged += charged
     return charged
+
+
+def _steps_settled(execution: Execution) -> int:
+    return Step.objects.filter(execution=execution, settled=False).update(settled=True)
 
 
 def _cost(steps: list[Step]) -> Decimal:
@@ -133,6 +171,7 @@ _OUTCOME = [
     "response",
     "error",
     "client_request_id",
+    "lease_expires_at",
 ]
 _NO_ANSWER = (Execution.Status.FAILED, Execution.Status.CANCELLED)
 
@@ -147,18 +186,20 @@ def execution_finish(
     hold: Hold | None,
     steps: list[Step],
     status: str,
+    steps_written: int = 0,
     response: dict | None = None,
     error: ApiError | None = None,
 ) -> int:
     """Settle the request and record the run's outcome, in one transaction; returns credits charged for
-    this request. A `response` body gets its final `kitemesh.credits_charged` here. The first result of
+    this request (`steps` are all of its steps, the first `steps_written` of them written already). A
+    `response` body gets its final `kitemesh.credits_charged` here. The first result of
     an execution is kept for replays of its client's request_id (a resumed run's later answers do not
     replace it); a run that ends without ever answering frees its request_id, so a retry runs anew.
 
     When the database refuses the outcome (a row it cannot store), the run is settled all the same by
     execution_fail, and InternalError is raised: the caller answers 500 instead of what it meant to."""
     try:
-        return _outcome_write(execution, hold, steps, status, response, error)
+        return _outcome_write(execution, hold, steps, steps_written, status, response, error)
     except Exception:
         logger.exception("execution %s: its outcome could not be written; settling it as failed", execution.pk)
         execution_fail(execution=execution, hold=hold, cost=_cost(steps))
@@ -169,21 +210,23 @@ def _outcome_write(
     execution: Execution,
     hold: Hold | None,
     steps: list[Step],
+    steps_written: int,
     status: str,
     response: dict | None,
     error: ApiError | None,
 ) -> int:
     execution.status = status
     execution.finished_at = timezone.now()
+    execution.lease_expires_at = None
     if error is not None and execution.response is None and response is None:
         execution.error = _error_record(error)
     if status in _NO_ANSWER and execution.response is None:
         execution.client_request_id = False
     if hold is not None and single_statement_writes():
-        charged = _finish_in_one_statement(execution, hold, steps, response)
+        charged = _finish_in_one_statement(execution, hold, steps, steps_written, response)
     else:
         with transaction.atomic(durable=True):
-            charged = execution_settle(execution=execution, hold=hold, steps=steps)
+            charged = execution_settle(execution=execution, hold=hold, steps=steps, steps_written=steps_written)
             _response_record(execution, response, charged)
             sql_update(execution, _OUTCOME)
     return charged
@@ -202,7 +245,9 @@ def _response_kept(execution: Execution) -> bool:
     return execution.client_request_id
 
 
-def _finish_in_one_statement(execution: Execution, hold: Hold, steps: list[Step], response: dict | None) -> int:
+def _finish_in_one_statement(
+    execution: Execution, hold: Hold, steps: list[Step], steps_written: int, response: dict | None
+) -> int:
     """execution_finish's writes as one statement (kitemesh_site.sql): the steps, the outcome and the
     settlement, whose charge the outcome's credits (and stored response) read in the statement."""
     exprs = {"credits_charged": f"%s + {SETTLED_CHARGE}"}
@@ -210,7 +255,9 @@ def _finish_in_one_statement(execution: Execution, hold: Hold, steps: list[Step]
         execution.response = response
         exprs["response"] = f"jsonb_set(%s, '{{kitemesh,credits_charged}}', to_jsonb({SETTLED_CHARGE}))"
     _usage_add(execution, steps)
-    writes = [insert_values(steps)] if steps else []
+    writes = [insert_values(steps[steps_written:])] if len(steps) > steps_written else []
+    if steps_written:
+        writes.append(_steps_settled_statement(execution))
     writes.append(update_statement(execution, _OUTCOME, **exprs))
     charged = hold_settle_with(hold=hold, cost=_cost(steps), writes=writes)
     execution.credits_charged += charged
@@ -218,16 +265,25 @@ def _finish_in_one_statement(execution: Execution, hold: Hold, steps: list[Step]
     return charged
 
 
+def _steps_settled_statement(execution: Execution) -> tuple[str, list]:
+    """_steps_settled as SQL, for a single statement's writes."""
+    table = Step._meta.db_table
+    return f"UPDATE {table} SET settled = %s WHERE execution_id = %s AND NOT settled", [True, execution.pk]
+
+
 def execution_fail(*, execution: Execution, hold: Hold | None, cost: Decimal) -> int:
     """The last resort of a run whose outcome could not be written: its hold settled for `cost` (what its
     steps used), the run marked failed with an internal error, its request_id freed; its steps and
-    response are not written. Returns the credits charged."""
+    response are not written (those it wrote while working are marked settled). Returns the credits
+    charged."""
     with transaction.atomic(durable=True):
         charged = hold_settle(hold=hold, cost=cost) if hold is not None else 0
+        _steps_settled(execution)
         Execution.objects.filter(pk=execution.pk).update(
             status=Execution.Status.FAILED,
             error=_error_record(InternalError()),
             finished_at=timezone.now(),
+            lease_expires_at=None,
             client_request_id=False,
             credits_charged=F("credits_charged") + charged,
         )
@@ -235,9 +291,12 @@ def execution_fail(*, execution: Execution, hold: Hold | None, cost: Decimal) ->
 
 
 def tool_execution_start(*, tool_execution: ToolExecution) -> bool:
-    """approved → running, once: False when another path already took it."""
+    """approved → running (or, for an idempotent tool's call whose outcome a crash left unknown, unknown →
+    running), once: False when another path already took it."""
+    if tool_execution.status not in (ToolExecution.Status.APPROVED, ToolExecution.Status.UNKNOWN):
+        return False
     return bool(
-        ToolExecution.objects.filter(pk=tool_execution.pk, status=ToolExecution.Status.APPROVED).update(
+        ToolExecution.objects.filter(pk=tool_execution.pk, status=tool_execution.status).update(
             status=ToolExecution.Status.RUNNING, started_at=timezone.now()
         )
     )

@@ -35,6 +35,8 @@ INSTALLED_APPS = [
     "django_eventstream",
     "drf_spectacular",
     "drf_spectacular_sidecar",  # Swagger UI served from our own static files, never a CDN
+    "django_tasks",
+    "django_tasks_db",
     "chat",
     "approvals",
     "billing",
@@ -181,6 +183,9 @@ KITEMESH_CONFIG_CACHE_SECONDS = float(os.environ.get("KITEMESH_CONFIG_CACHE_SECO
 # PostgreSQL: threads (each with its own connection) a worker runs its request path's transactions on.
 KITEMESH_DB_THREADS = int(os.environ.get("KITEMESH_DB_THREADS", "4"))
 KITEMESH_DEFAULT_MAX_OUTPUT_TOKENS = env_int("KITEMESH_DEFAULT_MAX_OUTPUT_TOKENS", 1024)
+# A working run renews a lease on its execution every third of this; a run whose lease lapsed had its
+# process die, and is recovered (SPEC §7; chat.services.recovery).
+KITEMESH_RUN_LEASE_SECONDS = float(os.environ.get("KITEMESH_RUN_LEASE_SECONDS", "30"))
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
 
@@ -208,6 +213,12 @@ EVENTSTREAM_CHANNELMANAGER_CLASS = "approvals.events.ApprovalChannelManager"
 if REDIS_URL:
     # Every worker process publishes to Redis and relays what it hears to its own browsers.
     EVENTSTREAM_REDIS = redis_options(REDIS_URL)
+
+# --- Background work: a durable task queue in the database (django-tasks), run by `manage.py worker` ----
+# Webhook deliveries are queued in the transaction of what they announce; the worker also queues the
+# sweep (crash recovery, approval expiry, stuck deliveries) every KITEMESH_SWEEP_SECONDS.
+TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": ["default"]}}
+KITEMESH_SWEEP_SECONDS = float(os.environ.get("KITEMESH_SWEEP_SECONDS", "10"))
 
 # --- Approval webhooks (approvals.webhooks) -------------------------------------------------------
 KITEMESH_WEBHOOK_TIMEOUT_SECONDS = float(os.environ.get("KITEMESH_WEBHOOK_TIMEOUT_SECONDS", "5"))

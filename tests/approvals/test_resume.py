@@ -917,7 +917,7 @@ def test_resume_the_team_cannot_cover_is_402_before_anything_runs_and_can_be_ret
     assert len(tool_server.requests) == 1
 
 
-def test_expire_approvals_command_expires_due_approvals_and_releases_their_holds(
+def test_sweep_command_expires_due_approvals_and_releases_their_holds(
     live, http, setup: Setup, upstream, tool_server, ticket
 ):
     due = pause(http, setup, upstream)
@@ -928,9 +928,9 @@ def test_expire_approvals_command_expires_due_approvals_and_releases_their_holds
     )
     out = io.StringIO()
 
-    call_command("expire_approvals", stdout=out)
+    call_command("sweep", stdout=out)
 
-    assert out.getvalue().strip() == "expired 1 approval(s); released 0 stale hold(s)"
+    assert out.getvalue().strip() == "recovered 0 run(s); expired 1 approval(s); requeued 0 webhook delivery(ies)"
     assert Approval.objects.get(pk=due["kitemesh"]["approval_id"]).status == Approval.Status.EXPIRED
     assert Approval.objects.get(pk=waiting["kitemesh"]["approval_id"]).status == Approval.Status.PENDING
     assert Execution.objects.get(pk=due["kitemesh"]["execution_id"]).status == Execution.Status.EXPIRED
@@ -939,8 +939,8 @@ def test_expire_approvals_command_expires_due_approvals_and_releases_their_holds
     assert TICKET_PRICE in releases.values_list("amount", flat=True)
 
     again = io.StringIO()
-    call_command("expire_approvals", stdout=again)
-    assert again.getvalue().strip() == "expired 0 approval(s); released 0 stale hold(s)"
+    call_command("sweep", stdout=again)
+    assert again.getvalue().strip() == "recovered 0 run(s); expired 0 approval(s); requeued 0 webhook delivery(ies)"
     assert credits(http, setup)["held"] == TICKET_PRICE
     assert_error(approve_all(http, setup, due), 410, "approval_expired", "approval_expired")
     upstream.queue(Reply(content="ok"))

@@ -1,6 +1,8 @@
 """Approval webhooks (README "Approver pages"): a group's optional `webhook_url` receives a signed JSON event
-when an approval is created, decided, resumed or expires; deliveries are retried with backoff, pass the
-SSRF guard, never delay a request, and failures are logged without secrets."""
+when an approval is created, decided, resumed or expires. Each event is recorded in the transaction of the
+change it announces and delivered by the worker (django-tasks in the database): retried with backoff and
+across restarts with the same event id, through the SSRF guard, never delaying a request; failures are
+logged without secrets and kept for the admin."""
 
 import hashlib
 import hmac
@@ -13,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from approvals.models import Approval
+from approvals.models import Approval, WebhookDelivery
 from approvals.services import approval_decide, approval_expire
-from approvals.webhooks import approval_webhook_send
+from chat.errors import Conflict
 from chat.models import Group
 from chat.services.config import ConfigError, config_apply
 from chat.services.vault import secret_set
@@ -29,8 +31,11 @@ from tests.approvals.test_pages import (
     waiting_calls,
 )
 from tests.conftest import Setup, make_setup
+from tests.support.helpers import wait_for
+from tests.support.server_process import ServerProcess
 from tests.support.tool_server import ToolRequest, ToolResponse, ToolServer
 from tests.support.upstream import FakeUpstream
+from tests.support.worker import WorkerThread, tasks_run_until
 
 WEBHOOK_SECRET = "whsec-signing-key-never-shown"
 RECEIVER_TOKEN = "receiver-own-token-in-query"
@@ -126,7 +131,8 @@ def hooked(live, upstream: FakeUpstream, tool_server: ToolServer, receiver: Tool
         make_tool(setup.team, "delete_account", method="DELETE", url=f"{tool_server.url}/accounts"),
     )
     hook_up(setup.group, receiver)
-    return setup
+    with WorkerThread():
+        yield setup
 
 
 def test_the_receiver_gets_signed_events_when_an_approval_is_created_decided_and_resumed(
@@ -208,17 +214,40 @@ def test_an_expiry_is_sent_too(hooked: Setup, receiver: ToolServer):
 def approval(setup: Setup, receiver: ToolServer, fast_webhooks) -> Approval:
     hook_up(setup.group, receiver)
     tool = make_tool(setup.team, "create_ticket")
-    return paused_approval(setup.group, [(tool, TICKET_ARGUMENTS)])  # no delivery: the test never commits
+    return paused_approval(setup.group, [(tool, TICKET_ARGUMENTS)])  # its approval.created, queued
+
+
+def delivered(approval: Approval, event_type: str = "approval.created") -> WebhookDelivery:
+    """Run the worker's queue until the approval's event is delivered or given up."""
+    deliveries = WebhookDelivery.objects.filter(event_type=event_type, body__contains=str(approval.id))
+    return tasks_run_until(lambda: deliveries.exclude(status=WebhookDelivery.Status.PENDING).first())
+
+
+def test_the_event_is_recorded_and_queued_in_the_transaction_of_the_change(approval, receiver):
+    [delivery] = WebhookDelivery.objects.all()
+
+    assert (delivery.event_type, delivery.status, delivery.attempts) == ("approval.created", "pending", 0)
+    assert json.loads(delivery.body)["id"] == delivery.id
+    assert receiver.requests == []  # nothing is sent by the process that made the change
+    [call] = waiting_calls(approval)
+    approval_decide(approval=approval, tool_execution=call, approve=True, reason="", actor=person("ada"))
+    with pytest.raises(Conflict):  # decided already: the transaction is rolled back
+        approval_decide(approval=approval, tool_execution=call, approve=False, reason="", actor=person("bob"))
+    assert list(WebhookDelivery.objects.order_by("created_at").values_list("event_type", flat=True)) == [
+        "approval.created",
+        "approval.decided",
+    ]
 
 
 def test_a_failing_receiver_is_retried_with_the_same_event_until_it_accepts(approval, receiver):
     receiver.queue(ToolResponse(status=500), ToolResponse(status=503), ToolResponse(status=204))
 
-    delivered = approval_webhook_send(approval_id=approval.id, event_type="approval.created").result(timeout=10)
+    delivery = delivered(approval)
 
-    assert delivered is True
+    assert (delivery.status, delivery.attempts, delivery.last_error) == ("delivered", 3, "")
     assert len(receiver.requests) == 3
     assert len({r.body for r in receiver.requests}) == 1  # same body, same event id, same signature
+    assert {r.headers["x-kitemesh-delivery"] for r in receiver.requests} == {delivery.id}
     assert all(signed(r) for r in receiver.requests)
 
 
@@ -226,9 +255,9 @@ def test_a_receiver_that_times_out_is_tried_again(approval, receiver, settings):
     settings.KITEMESH_WEBHOOK_TIMEOUT_SECONDS = 0.3
     receiver.queue(ToolResponse(delay=1.0), ToolResponse(status=200))
 
-    delivered = approval_webhook_send(approval_id=approval.id, event_type="approval.created").result(timeout=10)
+    delivery = delivered(approval)
 
-    assert delivered is True and len(receiver.requests) == 2
+    assert delivery.status == "delivered" and len(receiver.requests) == 2
 
 
 def test_a_receiver_that_keeps_failing_is_given_up_and_logged_without_secrets(approval, receiver, settings, caplog):
@@ -236,9 +265,10 @@ def test_a_receiver_that_keeps_failing_is_given_up_and_logged_without_secrets(ap
     receiver.queue(*[ToolResponse(status=502)] * 3)
 
     with caplog.at_level(logging.WARNING, logger="approvals.webhooks"):
-        delivered = approval_webhook_send(approval_id=approval.id, event_type="approval.created").result(timeout=10)
+        delivery = delivered(approval)
 
-    assert delivered is False and len(receiver.requests) == 3
+    assert (delivery.status, delivery.attempts, delivery.last_error) == ("failed", 3, "HTTP 502")
+    assert len(receiver.requests) == 3
     [record] = [r for r in caplog.records if r.name == "approvals.webhooks"]
     message = record.getMessage()
     assert "not delivered to 127.0.0.1 after 3 attempt(s): HTTP 502" in message
@@ -249,29 +279,36 @@ def test_a_receiver_that_keeps_failing_is_given_up_and_logged_without_secrets(ap
 def test_a_refusal_by_the_receiver_is_not_retried(approval, receiver):
     receiver.queue(ToolResponse(status=401))
 
-    delivered = approval_webhook_send(approval_id=approval.id, event_type="approval.created").result(timeout=10)
+    delivery = delivered(approval)
 
-    assert delivered is False and len(receiver.requests) == 1
+    assert (delivery.status, delivery.attempts) == ("failed", 1) and len(receiver.requests) == 1
 
 
 def test_a_loopback_receiver_is_refused_by_the_ssrf_guard_unless_allowlisted(approval, receiver, settings, caplog):
     settings.KITEMESH_TOOL_HOST_ALLOWLIST = []
 
     with caplog.at_level(logging.WARNING, logger="approvals.webhooks"):
-        delivered = approval_webhook_send(approval_id=approval.id, event_type="approval.created").result(timeout=10)
+        delivery = delivered(approval)
 
-    assert delivered is False and receiver.requests == []
-    assert "blocked destination: host '127.0.0.1' is a loopback address" in caplog.text
+    assert delivery.status == "failed" and receiver.requests == []
+    assert delivery.last_error.startswith("blocked destination: host '127.0.0.1' is a loopback address")
     assert "after 1 attempt(s)" in caplog.text  # a refusal is final, not retried
 
 
-def test_a_group_without_a_signing_secret_sends_nothing(approval, receiver, caplog):
+def test_a_group_without_a_signing_secret_records_nothing(approval, receiver, caplog):
     Group.objects.filter(pk=approval.group_id).update(webhook_secret=None)
+    [call] = waiting_calls(approval)
 
     with caplog.at_level(logging.WARNING, logger="approvals.webhooks"):
-        future = approval_webhook_send(approval_id=approval.id, event_type="approval.created")
+        approval_decide(
+            approval=Approval.objects.get(pk=approval.pk),
+            tool_execution=call,
+            approve=True,
+            reason="",
+            actor=person("ada"),
+        )
 
-    assert future is None and receiver.requests == []
+    assert not WebhookDelivery.objects.filter(event_type="approval.decided").exists()
     assert "the group has no usable webhook_secret" in caplog.text
 
 
@@ -280,20 +317,25 @@ def test_a_signing_secret_of_another_team_is_not_used(approval, receiver, upstre
     Group.objects.filter(pk=approval.group_id).update(
         webhook_secret=secret_set(team=other.team, name="theirs", value="their-secret")
     )
+    [call] = waiting_calls(approval)
 
-    assert approval_webhook_send(approval_id=approval.id, event_type="approval.created") is None
+    approval_decide(
+        approval=Approval.objects.get(pk=approval.pk), tool_execution=call, approve=True, reason="", actor=person("ada")
+    )
+
+    assert not WebhookDelivery.objects.filter(event_type="approval.decided").exists()
 
 
 def test_events_of_a_decision_carry_who_decided(approval, receiver):
     [call] = waiting_calls(approval)
     approval_decide(approval=approval, tool_execution=call, approve=False, reason="no", actor=person("ada"))
 
-    approval_webhook_send(approval_id=approval.id, event_type="approval.decided").result(timeout=10)
+    delivered(approval, "approval.decided")
 
-    [request] = receiver.requests
+    [request] = [r for r in receiver.requests if r.json()["type"] == "approval.decided"]
     [te] = request.json()["tool_executions"]
     assert (te["decision"], te["decided_by"], te["decided_via"]) == ("denied", "ada", "ui")
-    assert "reason" not in te and json.loads(request.body)["type"] == "approval.decided"
+    assert "reason" not in te
 
 
 def test_api_decisions_at_resume_are_sent_as_a_decision_then_the_resume(
@@ -324,3 +366,35 @@ def test_api_decisions_at_resume_are_sent_as_a_decision_then_the_resume(
         ("approved", "api", "token:test"),
         ("denied", "api", "token:test"),
     ]
+
+
+def test_a_delivery_cut_by_a_killed_worker_is_delivered_by_the_next_one_with_the_same_event(
+    transactional_db, upstream: FakeUpstream, receiver: ToolServer
+):
+    """Two worker PROCESSES on the run's database: the first is killed (SIGKILL) while the receiver holds
+    the event's POST; the second, started afterwards, sends the same event again (same id, same body)."""
+    setup = make_setup(upstream)
+    hook_up(setup.group, receiver)
+    approval = paused_approval(setup.group, [(make_tool(setup.team, "create_ticket"), TICKET_ARGUMENTS)])
+    receiver.queue(ToolResponse(status=204, delay=30), ToolResponse(status=204))
+    env = {"KITEMESH_WEBHOOK_TIMEOUT_SECONDS": "2", "KITEMESH_SWEEP_SECONDS": "0.5"}
+    worker_a = ServerProcess(env=env, command=["manage.py", "worker"]).start()
+    try:
+        received(receiver, 1, timeout=20)
+        worker_a.kill()
+        worker_b = ServerProcess(env=env, command=["manage.py", "worker"]).start()
+        try:
+            requests = received(receiver, 2, timeout=30)
+            delivery = wait_for(
+                lambda: WebhookDelivery.objects.filter(status="delivered").first(), 10, "the delivery to be recorded"
+            )
+        finally:
+            worker_b.close()
+    finally:
+        worker_a.close()
+
+    assert [r.json()["approval_id"] for r in requests] == [str(approval.id)] * 2
+    assert requests[0].body == requests[1].body
+    assert {r.headers["x-kitemesh-delivery"] for r in requests} == {delivery.id}
+    assert all(signed(r) for r in requests)
+    assert delivery.attempts == 1  # the killed attempt never got to record itself

@@ -251,7 +251,12 @@ def test_a_charge_links_to_the_tool_executions_and_approval_it_paid_for(acme: Se
     )
     approval_decide(approval=paused.approval, tool_execution=pending, approve=True, reason="looks fine", actor=ada)
     claim = approval_resume_claim(
-        token=acme.token, approval=paused.approval, approved=set(), denied={}, hold_amount_for=lambda calls: 50
+        token=acme.token,
+        approval=paused.approval,
+        tools_in_scope={tool.pk for tool in Tool.objects.all()},
+        approved=set(),
+        denied={},
+        hold_amount_for=lambda calls: 50,
     )
     resumed_steps = [
         Step(execution=execution, kind=Step.Kind.TOOL_CALL, tool_execution=pending, model_name="ticket",

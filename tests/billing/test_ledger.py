@@ -372,24 +372,29 @@ def test_database_refuses_a_non_positive_hold(acme: Setup):
         Hold.objects.create(team=acme.team, execution=execution, amount=0)
 
 
-def test_the_sweep_releases_holds_of_runs_that_died_and_leaves_live_and_paused_ones(db, upstream):
+def test_the_sweep_settles_runs_whose_lease_lapsed_and_leaves_live_and_paused_ones(db, upstream):
     setup = make_setup(upstream, credits=100)
     runs = {}
-    for name, status in [("dead", "running"), ("live", "running"), ("paused", "paused")]:
+    now = timezone.now()
+    for name, status, lease in [
+        ("dead", "running", now - timedelta(seconds=1)),
+        ("live", "running", now + timedelta(seconds=30)),
+        ("paused", "paused", None),
+    ]:
         execution = Execution.objects.create(
             team=setup.team, group=setup.group, request_id=f"req_{name}", mode="normal", status=status
         )
+        Execution.objects.filter(pk=execution.pk).update(lease_expires_at=lease)
         with transaction.atomic():
             runs[name] = hold_create(execution=execution, amount=10)
-    Hold.objects.filter(pk__in=[runs["dead"].pk, runs["paused"].pk]).update(
-        created_at=timezone.now() - timedelta(hours=2)
-    )
     out = io.StringIO()
 
-    call_command("expire_approvals", stdout=out)
+    call_command("sweep", stdout=out)
 
-    assert out.getvalue().strip() == "expired 0 approval(s); released 1 stale hold(s)"
+    assert out.getvalue().strip() == "recovered 1 run(s); expired 0 approval(s); requeued 0 webhook delivery(ies)"
     assert Hold.objects.get(pk=runs["dead"].pk).status == Hold.Status.SETTLED
+    dead = Execution.objects.get(pk=runs["dead"].execution_id)
+    assert (dead.status, dead.error["code"]) == ("failed", "run_interrupted")
     assert {Hold.objects.get(pk=runs[n].pk).status for n in ("live", "paused")} == {Hold.Status.ACTIVE}
     account = CreditAccount.objects.get(team=setup.team)
     assert (account.balance, account.held) == (100, 20)

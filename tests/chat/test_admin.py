@@ -6,7 +6,9 @@ import re
 
 import pytest
 from django.urls import reverse
+from django.utils import timezone
 
+from approvals.models import WebhookDelivery
 from billing.models import CreditAccount, LedgerEntry
 from chat.models import ApiToken, Execution, Step, Tool, VaultSecret
 from chat.services.tokens import token_authenticate
@@ -231,3 +233,24 @@ def test_credit_account_admin_refuses_adding_and_editing(admin_client, setup: Se
     assert (add.status_code, edit.status_code) == (403, 403)
     account.refresh_from_db()
     assert account.balance == 1000
+
+
+def test_the_admin_lists_webhook_deliveries_with_their_last_error(admin_client, setup: Setup):
+    WebhookDelivery.objects.create(
+        id="evt_admin_1",
+        event_type="approval.created",
+        url="https://hooks.example/k",
+        body="{}",
+        label="acme/support",
+        status=WebhookDelivery.Status.FAILED,
+        attempts=4,
+        last_error="HTTP 502",
+        next_attempt_at=timezone.now(),
+    )
+
+    response = admin_client.get(reverse("admin:approvals_webhookdelivery_changelist"))
+
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert "evt_admin_1" in page and "HTTP 502" in page and "acme/support" in page
+    assert admin_client.get(reverse("admin:approvals_webhookdelivery_add")).status_code == 403

@@ -71,6 +71,7 @@ FULL_CONFIG = {
             "method": "GET",
             "url": "https://crm.example/customers",
             "auth": {"type": "header", "header": "X-Api-Key", "secret": "crm-key"},
+            "idempotent": True,
         },
     ],
     "groups": [
@@ -185,6 +186,7 @@ def test_full_config_creates_every_object_with_every_field(db, full_config: Path
         crm_key,
     )
     assert lookup.requires_approval is False
+    assert (ticket.idempotent, lookup.idempotent) == (False, True)
     assert lookup.parameters == {"type": "object", "properties": {}}
 
     group = Group.objects.get(pk=uuid.UUID(GROUP_ID))

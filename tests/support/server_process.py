@@ -50,7 +50,8 @@ class ServerProcess:
     """`python -m uvicorn kitemesh_site.asgi:application` in its own process. `start()` returns once
     /healthz answers; `stop()` terminates it and waits until it has exited."""
 
-    def __init__(self, *, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *, env: dict[str, str] | None = None, command: list[str] | None = None) -> None:
+        self.command = command  # another process of the project instead (the worker), started without waiting
         self.port = _free_port()
         # Nothing inherited may point the process at a service outside the test; a test passes REDIS_URL itself.
         inherited = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
@@ -82,6 +83,15 @@ class ServerProcess:
         return Path(self.log.name).read_text(errors="replace")
 
     def start(self) -> "ServerProcess":
+        if self.command is not None:
+            self.process = subprocess.Popen(
+                [sys.executable, *self.command],
+                cwd=settings.BASE_DIR,
+                env=self.env,
+                stdout=self.log,
+                stderr=subprocess.STDOUT,
+            )
+            return self
         command = [
             sys.executable,
             "-m",
@@ -122,6 +132,12 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(timeout=STOP_TIMEOUT)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or the OOM killer would: no shutdown code of the process runs."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=STOP_TIMEOUT)
 
     def close(self) -> None:
         """Stop it and remove its log."""

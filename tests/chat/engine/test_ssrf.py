@@ -234,7 +234,7 @@ def _tool(url: str, method: str = "GET") -> Tool:
 
 
 def run(tool: Tool, arguments: dict | None = None) -> ToolResult:
-    return asyncio.run(tool_call_run(tool=tool, arguments=arguments or {}))
+    return asyncio.run(tool_call_run(tool=tool, arguments=arguments or {}, idempotency_key="test-key"))
 
 
 @pytest.fixture

@@ -68,7 +68,7 @@ def tool_create(team: Team, url: str, **fields) -> Tool:
 
 
 def run(tool: Tool, arguments: dict | None = None) -> ToolResult:
-    return asyncio.run(tool_call_run(tool=tool, arguments=arguments or {}))
+    return asyncio.run(tool_call_run(tool=tool, arguments=arguments or {}, idempotency_key="test-key"))
 
 
 def free_port() -> int:
@@ -455,7 +455,9 @@ def test_name_is_resolved_once_and_the_request_goes_to_that_address(tool_server:
     calls: list[str] = []
     tool = unsaved_tool(method="GET", url=f"http://rebind.test:{tool_server.port}/hook")
     result = asyncio.run(
-        tool_call_run(tool=tool, arguments={}, resolve=resolver({"rebind.test": ["127.0.0.1"]}, calls))
+        tool_call_run(
+            tool=tool, arguments={}, idempotency_key="test-key", resolve=resolver({"rebind.test": ["127.0.0.1"]}, calls)
+        )
     )
     assert result.ok
     assert calls == ["rebind.test"]
@@ -477,7 +479,7 @@ TLS_NAMES = {"tool.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]}
 
 def https_call(server: ToolServer, host: str) -> ToolResult:
     tool = unsaved_tool(method="GET", url=f"https://{host}:{server.port}/hook")
-    return asyncio.run(tool_call_run(tool=tool, arguments={}, resolve=resolver(TLS_NAMES)))
+    return asyncio.run(tool_call_run(tool=tool, arguments={}, idempotency_key="test-key", resolve=resolver(TLS_NAMES)))
 
 
 def test_https_tool_is_reached_at_the_checked_address_under_its_name(tls_server: ToolServer, settings) -> None:
@@ -507,11 +509,13 @@ def test_connection_verified_for_one_host_is_not_reused_for_another_on_the_same_
         first = await tool_call_run(
             tool=unsaved_tool(method="GET", url=f"https://tool.test:{tls_server.port}/"),
             arguments={},
+            idempotency_key="test-key",
             resolve=resolver(TLS_NAMES),
         )
         second = await tool_call_run(
             tool=unsaved_tool(method="GET", url=f"https://other.test:{tls_server.port}/"),
             arguments={},
+            idempotency_key="test-key",
             resolve=resolver(TLS_NAMES),
         )
         return first, second
