@@ -8,6 +8,7 @@ from django.db.models import Q
 
 from billing.models import Hold
 from chat.models import Execution, Group, Team
+from core.fields import EncryptedJSONField
 
 
 class Approval(models.Model):
@@ -23,7 +24,9 @@ class Approval(models.Model):
     group = models.ForeignKey(Group, on_delete=models.CASCADE, related_name="approvals")
     status = models.CharField(max_length=12, choices=Status.choices, default=Status.PENDING)
     expires_at = models.DateTimeField()
-    state = models.JSONField(help_text="The conversation and upstream parameters to continue with.")
+    state = EncryptedJSONField(
+        help_text="The conversation and upstream parameters to continue with (encrypted at rest)."
+    )
     hold = models.ForeignKey(Hold, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
     resolved_at = models.DateTimeField(null=True, blank=True)

@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from approvals.models import Approval
 from billing.selectors import credit_account_get
-from chat.engine.tools import arguments_redact
+from chat.engine.tools import arguments_redact, arguments_secrets, text_redact
 from chat.errors import NotFound
 from chat.models import ApiToken, Group, Team, Tool, ToolExecution
 from chat.selectors import runs_in_token_scope, team_list_for_user
@@ -220,6 +220,8 @@ def approval_detail_get(*, team_ids: list[int], approval_id: uuid.UUID) -> Appro
     if approval is None:
         raise NotFound(f"No approval {approval_id}.", code="approval_not_found")
     views = [_call_view(te) for te in approval.tool_executions.all()]
+    # What the calls' arguments hide is hidden in the conversation quoted beside them too.
+    secrets = {s for te in approval.tool_executions.all() if te.tool for s in arguments_secrets(te.tool, te.arguments)}
     calls = [v for v in views if v.tool_execution.requires_approval]
     running = [v for v in views if v.tool_execution.status != ToolExecution.Status.DENIED]
     account = credit_account_get(team=approval.team)
@@ -228,7 +230,7 @@ def approval_detail_get(*, team_ids: list[int], approval_id: uuid.UUID) -> Appro
         approval=approval,
         calls=calls,
         automatic=[v for v in views if not v.tool_execution.requires_approval],
-        last_user_message=last_user_message((approval.state or {}).get("messages", [])),
+        last_user_message=text_redact(last_user_message((approval.state or {}).get("messages", [])), secrets),
         run_credits=approval.execution.credits_charged,
         # Rounded up once for the round, as the resume charges it (chat.engine.runner.tools_price).
         tools_credits=math.ceil(sum((v.price for v in running), Decimal(0))),

@@ -2,6 +2,7 @@
 exactly once, and expire. Each function owns its transaction; the approval row is the lock. Every change
 is announced after commit (approvals.events for browsers, approvals.webhooks for the group's receiver)."""
 
+import copy
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from billing.models import Hold
 from billing.services.ledger import hold_create, hold_release
 from chat.errors import Conflict, Gone, InvalidRequest, PermissionDenied
 from chat.models import ApiToken, Execution, Group, Step, Tool, ToolExecution
-from chat.services.executions import execution_settle, lease_deadline
+from chat.services.executions import execution_settle, lease_deadline, tool_calls_of
 from chat.wire import iso
 
 Status = ToolExecution.Status
@@ -79,7 +80,7 @@ def approval_pause(
             approval_id=str(approval.id), expires_at=iso(approval.expires_at), credits_charged=charged
         )
         execution.status = Execution.Status.PAUSED
-        execution.response = execution.response or response
+        execution.response = execution.response or _without_arguments(response)
         execution.lease_expires_at = None
         execution.save(
             update_fields=[
@@ -93,6 +94,15 @@ def approval_pause(
         )
         _announce(approval, events.CREATED, waiting=sum(te.requires_approval for te in tool_executions))
     return Paused(approval=approval)
+
+
+def _without_arguments(response: dict) -> dict:
+    """The pause answer as kept for replays: its tool calls' arguments stay encrypted with their tool
+    executions, from which a replay takes them back (chat.services.executions)."""
+    kept = copy.deepcopy(response)
+    for call in tool_calls_of(kept):
+        call["function"]["arguments"] = None
+    return kept
 
 
 def approval_expire(*, approval: Approval) -> bool:

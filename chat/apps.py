@@ -5,7 +5,7 @@ class ChatConfig(AppConfig):
     name = "chat"
 
     def ready(self) -> None:
-        from chat.services.vault import vault_key_check
+        from core.vault import vault_key_check
 
         vault_key_check()  # a malformed KITEMESH_VAULT_KEY stops the process at start-up, clearly
         self._config_cache_invalidation()

@@ -8,6 +8,8 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
+from core.fields import EncryptedTextField
+
 
 class RateLimits(models.Model):
     """Abstract: limits on API use; empty means no limit (a token's limit applies beside its team's)."""
@@ -361,7 +363,7 @@ class ToolExecution(models.Model):
     tool_name = models.CharField(max_length=64)
     call_id = models.CharField(max_length=100, help_text="The upstream's id for this call.")
     position = models.PositiveSmallIntegerField(default=0, help_text="Order within its round.")
-    arguments = models.TextField(help_text="The arguments JSON exactly as the model produced it.")
+    arguments = EncryptedTextField(help_text="The arguments JSON exactly as the model produced it (encrypted at rest).")
     arguments_hash = models.CharField(max_length=64)
     requires_approval = models.BooleanField(default=False)
     risk = models.CharField(max_length=10, choices=Tool.Risk.choices)

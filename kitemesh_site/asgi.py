@@ -22,8 +22,8 @@ from django.urls import set_script_prefix  # noqa: E402
 
 from chat.engine.providers import upstream_session_close  # noqa: E402
 from chat.errors import RequestTooLarge  # noqa: E402
-from chat.services.vault import vault_key_check  # noqa: E402
 from chat.wire import error_body, request_id_new  # noqa: E402
+from core.vault import vault_key_check  # noqa: E402
 from kitemesh_site import metrics  # noqa: E402
 from kitemesh_site.db import connections_closed_per_request, connections_upkeep, pool_allowed  # noqa: E402
 from kitemesh_site.middleware import API_PREFIXES, api_request_middleware  # noqa: E402

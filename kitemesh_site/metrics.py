@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 
 from approvals.models import Approval
 from billing.models import LedgerEntry
-from chat.errors import AuthenticationError
+from chat.errors import AuthenticationError, PermissionDenied
 from chat.models import Team
 from chat.wire import error_response, request_id_of
 
@@ -235,10 +235,17 @@ def exposition() -> bytes:
 
 
 def _scrape_error(request: HttpRequest) -> HttpResponse | None:
-    """401 in the API's error envelope unless KITEMESH_METRICS_TOKEN is unset or sent as the Bearer token."""
+    """401 in the API's error envelope unless KITEMESH_METRICS_TOKEN is sent as the Bearer token; without
+    one set, open in development and 403 in production (KITEMESH_METRICS_OPEN_WITHOUT_TOKEN)."""
     expected = settings.KITEMESH_METRICS_TOKEN
     if not expected:
-        return None
+        if settings.KITEMESH_METRICS_OPEN_WITHOUT_TOKEN:
+            return None
+        response = error_response(
+            PermissionDenied("Metrics are off: set KITEMESH_METRICS_TOKEN to scrape them with it."), request
+        )
+        response["X-Request-ID"] = request_id_of(request)
+        return response
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     given = given.strip()
     if scheme.lower() == "bearer" and given and hmac.compare_digest(given.encode(), expected.encode()):

@@ -1,7 +1,7 @@
 from django.contrib import admin
 from django.urls import include, path, re_path
 from django.views.generic import RedirectView
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 
 from approvals.views import approval_events_view
 from chat.api import (
@@ -24,7 +24,8 @@ urlpatterns = [
     path("v1/models", ModelListApi.as_view()),
     path("v1/credits", CreditBalanceApi.as_view()),
     path("api/schema/", SpectacularAPIView.as_view(), name="openapi-schema"),
-    path("api/docs/", SpectacularSwaggerView.as_view(url_name="openapi-schema"), name="openapi-docs"),
+    # The split view serves its script from ?script, so the page runs under the pages' CSP.
+    path("api/docs/", SpectacularSwaggerSplitView.as_view(url_name="openapi-schema"), name="openapi-docs"),
     path("healthz", healthz_view),
     path("readyz", readyz_view),
     path("metrics", metrics_view),

@@ -2,6 +2,7 @@
 outcome) — each one short transaction, so no transaction stays open while a model answers."""
 
 import logging
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -79,7 +80,7 @@ def execution_start(
         earlier = _earlier_for_request_id(team_id=group.team_id, request_id=request_id, body_hash=body_hash)
         if earlier is not None:
             token_live_check(token)
-            return ExecutionStart(execution=earlier, hold=None, replayed=True)
+            return ExecutionStart(execution=_answer_restored(earlier), hold=None, replayed=True)
     execution = Execution(
         team_id=group.team_id,
         group=group,
@@ -110,6 +111,21 @@ def execution_start(
             code="request_id_conflict",
         ) from None
     return ExecutionStart(execution=execution, hold=hold)
+
+
+def _answer_restored(execution: Execution) -> Execution:
+    """The execution with its first answer as it was sent: a pause's tool call arguments are kept
+    encrypted with their tool executions, not in the stored answer (approvals.services.approval_pause)."""
+    calls = tool_calls_of(execution.response)
+    kept = dict(ToolExecution.objects.filter(pk__in=[c["id"] for c in calls]).values_list("pk", "arguments"))
+    for call in calls:
+        call["function"]["arguments"] = kept[uuid.UUID(call["id"])]
+    return execution
+
+
+def tool_calls_of(response: dict) -> list[dict]:
+    """The tool calls of a completion body (a pause's), or none."""
+    return [call for choice in response.get("choices", ()) for call in choice["message"].get("tool_calls") or ()]
 
 
 def lease_deadline() -> datetime:

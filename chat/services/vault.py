@@ -1,44 +1,18 @@
-"""The vault: team secrets encrypted with Fernet keys from KITEMESH_VAULT_KEY (comma-separated, newest
-first, so a key rotation can still read older values)."""
+"""The vault: team secrets, encrypted at rest with the vault key (core.vault), set and rotated in place."""
 
-from functools import cache
-
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
-from django.conf import settings
-from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
 from django.utils import timezone
 
 from chat.models import Team, VaultSecret
-
-
-@cache
-def _fernet() -> MultiFernet:
-    keys = [k.strip() for k in settings.KITEMESH_VAULT_KEY.split(",") if k.strip()]
-    try:
-        return MultiFernet([Fernet(k) for k in keys])
-    except (ValueError, TypeError) as exc:
-        raise ImproperlyConfigured(
-            "KITEMESH_VAULT_KEY must be one or more comma-separated Fernet keys (32 url-safe base64 bytes); "
-            'make one with: python -c "from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"'
-        ) from exc
-
-
-def vault_key_check() -> None:
-    """Fail at start-up, not at the first secret, when the key is malformed."""
-    _fernet()
+from core.vault import decrypt, encrypt
 
 
 def vault_encrypt(value: str) -> bytes:
-    return _fernet().encrypt(value.encode())
+    return encrypt(value)
 
 
 def vault_decrypt(secret: VaultSecret) -> str:
-    try:
-        return _fernet().decrypt(bytes(secret.ciphertext)).decode()
-    except InvalidToken as exc:
-        # Never include the ciphertext or the key in the message.
-        raise ImproperlyConfigured(f"Vault secret {secret.name!r} cannot be decrypted with KITEMESH_VAULT_KEY") from exc
+    return decrypt(bytes(secret.ciphertext), what=f"Vault secret {secret.name!r}")
 
 
 @transaction.atomic

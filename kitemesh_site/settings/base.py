@@ -5,6 +5,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import dj_database_url
+from csp.constants import NONCE, NONE, SELF
 
 from kitemesh_site.logs import logging_config
 
@@ -19,7 +20,8 @@ def env_int(name: str, default: int) -> int:
 
 # --- Core -----------------------------------------------------------------------------------------
 # The dev key only serves `make run` and tests; production.py refuses to start without a real one.
-SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "dev-insecure-kitemesh-key-change-me")
+DEV_SECRET_KEY = "dev-insecure-kitemesh-key-change-me"
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", DEV_SECRET_KEY)
 DEBUG = os.environ.get("DJANGO_DEBUG", "1") == "1"
 ALLOWED_HOSTS = [h for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]").split(",") if h]
 
@@ -51,6 +53,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "csp.middleware.CSPMiddleware",
 ]
 
 ROOT_URLCONF = "kitemesh_site.urls"
@@ -112,6 +115,22 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
 
+# --- Content-Security-Policy of the pages (django-csp; the API answers JSON and carries none) ----------
+# Our own files only; the pages' few inline <style> and <script> blocks carry the request's nonce.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF, NONCE],
+        "style-src": [SELF, NONCE],
+        "img-src": [SELF, "data:"],
+        "connect-src": [SELF],
+        "object-src": [NONE],
+        "base-uri": [SELF],
+        "form-action": [SELF],
+        "frame-ancestors": [NONE],
+    }
+}
+
 # --- API ------------------------------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["chat.authentication.ApiTokenAuthentication"],
@@ -166,6 +185,8 @@ DEV_VAULT_KEY = "a2l0ZW1lc2gtZGV2LXZhdWx0LWtleS0zMi1ieXRlcyE="
 KITEMESH_VAULT_KEY = os.environ.get("KITEMESH_VAULT_KEY") or DEV_VAULT_KEY
 
 KITEMESH_METRICS_TOKEN = os.environ.get("KITEMESH_METRICS_TOKEN", "")
+# Without a token, /metrics is open here (development) and off in production (production.py).
+KITEMESH_METRICS_OPEN_WITHOUT_TOKEN = True
 KITEMESH_TOOL_HOST_ALLOWLIST = [
     h.strip() for h in os.environ.get("KITEMESH_TOOL_HOST_ALLOWLIST", "").split(",") if h.strip()
 ]

@@ -7,7 +7,7 @@ from django.core.exceptions import ImproperlyConfigured
 from kitemesh_site.logs import logging_config
 
 from .base import *  # noqa: F403
-from .base import KITEMESH_LOG_LEVEL
+from .base import DEV_SECRET_KEY, DEV_VAULT_KEY, KITEMESH_LOG_LEVEL
 
 
 def required_env(name: str) -> str:
@@ -21,6 +21,13 @@ DEBUG = False
 SECRET_KEY = required_env("DJANGO_SECRET_KEY")
 KITEMESH_VAULT_KEY = required_env("KITEMESH_VAULT_KEY")
 ALLOWED_HOSTS = required_env("DJANGO_ALLOWED_HOSTS").split(",")
+# The development keys are public (they are in this repository): production refuses them.
+if SECRET_KEY == DEV_SECRET_KEY:
+    raise ImproperlyConfigured("DJANGO_SECRET_KEY is the development key: set a secret one (README, Deployment).")
+if DEV_VAULT_KEY in (key.strip() for key in KITEMESH_VAULT_KEY.split(",")):
+    raise ImproperlyConfigured("KITEMESH_VAULT_KEY holds the development key: set a secret one (README, Deployment).")
+# /metrics shows every team's credits: without KITEMESH_METRICS_TOKEN it is off (403).
+KITEMESH_METRICS_OPEN_WITHOUT_TOKEN = False
 # --- HTTPS (TLS ends at a reverse proxy that sets X-Forwarded-Proto) ------------------------------
 SESSION_COOKIE_SECURE = True
 CSRF_COOKIE_SECURE = True

@@ -332,6 +332,16 @@ def test_the_detail_shows_each_call_redacted_as_the_api_does_with_the_last_user_
     assert 'for="reason-' in page  # every reason field has its label
 
 
+def test_a_value_redacted_in_the_arguments_is_redacted_in_the_last_user_message_too(acme, ticket):
+    message = f"Use the token {SECRET_ARGUMENT} and note: call 555-0100 about the printer."
+    approval = paused_approval(acme.group, [(ticket, TICKET_ARGUMENTS)], message=message)
+
+    page = signed_in(person("ada", acme.team)).get(f"/approvals/{approval.id}/").content.decode()
+
+    assert SECRET_ARGUMENT not in page and "555-0100" not in page
+    assert "Use the token [redacted] and note: [redacted] about the printer." in page
+
+
 def test_the_detail_tells_which_calls_only_a_person_may_decide(acme):
     tool = make_tool(acme.team, "refund", approver=Tool.Approver.HUMAN)
     approval = paused_approval(acme.group, [(tool, {})])

@@ -12,8 +12,9 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db.models import ProtectedError
 
 from chat.models import CustomModel, Team, Tool, VaultSecret
-from chat.services import vault
-from chat.services.vault import secret_set, vault_decrypt, vault_key_check
+from chat.services.vault import secret_set, vault_decrypt
+from core import vault
+from core.vault import vault_key_check
 
 PLAINTEXT = "sk-live-plaintext-value-1234567890"
 
