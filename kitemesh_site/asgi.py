@@ -20,7 +20,6 @@ from django.core.handlers.asgi import ASGIHandler, get_script_prefix  # noqa: E4
 from django.core.handlers.exception import convert_exception_to_response  # noqa: E402
 from django.urls import set_script_prefix  # noqa: E402
 
-from chat.engine.providers import upstream_session_close  # noqa: E402
 from chat.errors import RequestTooLarge  # noqa: E402
 from chat.wire import error_body, request_id_new  # noqa: E402
 from core.vault import vault_key_check  # noqa: E402
@@ -152,7 +151,6 @@ async def _lifespan(scope, receive, send) -> None:
             _startup_objects_freeze()
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
-            await upstream_session_close()
             metrics.process_exit()
             await send({"type": "lifespan.shutdown.complete"})
             return

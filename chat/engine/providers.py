@@ -91,13 +91,7 @@ def _upstream_session() -> aiohttp.ClientSession:
     )
 
 
-_session = per_loop(_upstream_session)
-
-
-async def upstream_session_close() -> None:
-    """Close this event loop's upstream connections (the ASGI lifespan does at shutdown)."""
-    if (session := _session.pop()) is not None:
-        await session.close()
+_session = per_loop(_upstream_session, close=aiohttp.ClientSession.close)
 
 
 RETRY_STATUSES = {429, 502, 503, 504}

@@ -450,4 +450,4 @@ def _tool_client() -> httpx.AsyncClient:
     )
 
 
-_client = per_loop(_tool_client)
+_client = per_loop(_tool_client, close=httpx.AsyncClient.aclose)

@@ -48,6 +48,9 @@ class _LocalCounters:
     async def stream_close(self, key: str) -> None:
         self.streams[key] = max(self.streams.get(key, 0) - 1, 0)
 
+    async def close(self) -> None:
+        pass
+
 
 class _RedisCounters:
     def __init__(self, url: str) -> None:
@@ -70,12 +73,15 @@ class _RedisCounters:
     async def stream_close(self, key: str) -> None:
         await self.redis.decr(f"kitemesh:streams:{key}")
 
+    async def close(self) -> None:
+        await self.redis.aclose()
+
 
 def _counters_make() -> _LocalCounters | _RedisCounters:
     return _RedisCounters(settings.REDIS_URL) if settings.REDIS_URL else _LocalCounters()
 
 
-_counters = per_loop(_counters_make)
+_counters = per_loop(_counters_make, close=lambda counters: counters.close())
 
 
 async def request_admit(*, token: ApiToken) -> None:
