@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint demo-token clean bench bench-floors
+.PHONY: run test lint fault demo-token clean bench bench-floors
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "KiteMesh needs Python 3.11 or newer")'
@@ -40,6 +40,11 @@ test: $(VENV)/.installed-dev
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# `make fault`: the seeded fault run (tests/fault/run.py) on PostgreSQL, at most 5 minutes; it drops and
+# creates the database kitemesh_fault. FAULT_ARGS="--seed N --seconds S" repeats a run or shortens it.
+fault: $(VENV)/.installed-dev
+	$(PY) -m tests.fault.run $(FAULT_ARGS)
 
 clean:
 	rm -rf $(VENV) var *.egg-info

@@ -241,6 +241,7 @@ async def tool_call_run(
     try:
         secret, auth = _auth(tool)
         hop = _first_hop(tool, arguments, auth, idempotency_key)
+        _client()  # built before the clock starts: this loop's first call loads the CA certificates
         async with asyncio.timeout(timeout):
             result = await _exchange(hop, resolve, timeout, progress)
     except _CallRefused as exc:
