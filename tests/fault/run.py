@@ -47,7 +47,17 @@ TEAM_CREDITS = 10_000_000
 # --- The loopback services -----------------------------------------------------------------------------
 
 
-class Upstream(ThreadingHTTPServer):
+class _QuietServer(ThreadingHTTPServer):
+    """A loopback service whose clients vanish when KiteMesh is killed: that is the point, not an error."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
+class Upstream(_QuietServer):
     """An OpenAI-compatible upstream that answers like KiteMesh's scripted model (a `!tool NAME {json}` line
     of the last user message is a tool call; after tool results it sums them up) and streams a word every
     few milliseconds, so a kill can land mid-stream."""
@@ -122,11 +132,9 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
-class ToolService(ThreadingHTTPServer):
+class ToolService(_QuietServer):
     """The tools' HTTP service: answers after up to half a second, and records every call it receives
     (Idempotency-Key, tool, arguments), so a kill can land mid-call and duplicates can be counted."""
-
-    daemon_threads = True
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _ToolHandler)
