@@ -15,6 +15,7 @@ varies): `python -m tests.fault.run --seed N`. Any failure prints the seed again
 """
 
 import argparse
+import io
 import json
 import os
 import random
@@ -260,7 +261,7 @@ def configure(upstream: Upstream, tools: ToolService, workdir: Path) -> tuple[st
 
     path = workdir / "fault.yaml"
     path.write_text(CONFIG.format(credits=TEAM_CREDITS, upstream=upstream.base_url, tools=tools.url, group=GROUP_ID))
-    call_command("apply_config", str(path), verbosity=0)
+    call_command("apply_config", str(path), stdout=io.StringIO())
     team = Team.objects.get(name="fault")
     _, raw = token_create(team=team, name=f"fault-{uuid.uuid4().hex[:6]}")
     approver = User.objects.create_user("approver", password="fault-approver-password")
