@@ -1,8 +1,7 @@
 from django.contrib import admin
 from django.http import HttpRequest
 
-from approvals.models import Approval, WebhookDelivery
-from chat.models import ToolExecution
+from core.models import Approval, ToolExecution, WebhookDelivery
 
 
 class ToolExecutionInline(admin.TabularInline):

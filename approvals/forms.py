@@ -5,7 +5,7 @@ import uuid
 from django import forms
 
 from approvals.selectors import ApprovalDetail
-from chat.models import ToolExecution
+from core.models import ToolExecution
 
 ALL = "all"
 

@@ -12,13 +12,12 @@ from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db.models import Exists, OuterRef, Prefetch, QuerySet
 from django.utils import timezone
 
-from approvals.models import Approval
 from billing.selectors import credit_account_get
 from chat.engine.tools import arguments_redact, arguments_secrets, text_redact
 from chat.errors import NotFound
-from chat.models import ApiToken, Group, Team, Tool, ToolExecution
 from chat.selectors import runs_in_token_scope, team_list_for_user
 from chat.wire import tool_execution_body
+from core.models import ApiToken, Approval, Group, Team, Tool, ToolExecution
 
 
 def approval_for_token_get(*, token: ApiToken, approval_id: uuid.UUID) -> Approval:
@@ -43,10 +42,10 @@ def approval_with_calls_get(*, approval_id: uuid.UUID) -> Approval:
 
 
 # --- The approver pages ---------------------------------------------------------------------------
-# Who may see and decide: an active user with `approvals.decide_approval` (directly or through a Django
+# Who may see and decide: an active user with `core.decide_approval` (directly or through a Django
 # auth group), for the teams they belong to; a superuser for every team.
 
-DECIDE_PERMISSION = "approvals.decide_approval"
+DECIDE_PERMISSION = "core.decide_approval"
 QUEUE_LIMIT = 200  # a queue longer than this is a backlog to drain, not a page to scroll
 _RISK_ORDER = {"low": 0, "medium": 1, "high": 2}
 

@@ -15,14 +15,13 @@ from django.utils import timezone
 
 from approvals import events
 from approvals.events import approval_event_send
-from approvals.models import Approval
 from approvals.webhooks import approval_webhook_record
 from billing.models import Hold
-from billing.services.ledger import hold_create, hold_release
+from billing.services.ledger import hold_create, holds_release
 from chat.errors import Conflict, Gone, InvalidRequest, PermissionDenied
-from chat.models import ApiToken, Execution, Group, Step, Tool, ToolExecution
 from chat.services.executions import execution_settle, lease_deadline, tool_calls_of
 from chat.wire import iso
+from core.models import ApiToken, Approval, Execution, Group, Step, Tool, ToolExecution
 
 Status = ToolExecution.Status
 # An approval waiting for its resume: for decisions (pending), or for its client to retry the resume its
@@ -73,9 +72,8 @@ def approval_pause(
         for position, tool_execution in enumerate(tool_executions):
             tool_execution.approval, tool_execution.position = approval, position
         ToolExecution.objects.bulk_create(tool_executions)
-        if hold_amount > 0:
-            approval.hold = hold_create(execution=execution, amount=hold_amount)
-            approval.save(update_fields=["hold"])
+        if hold_amount > 0:  # while it waits, the execution's one active hold
+            hold_create(execution=execution, amount=hold_amount)
         response["kitemesh"].update(
             approval_id=str(approval.id), expires_at=iso(approval.expires_at), credits_charged=charged
         )
@@ -114,8 +112,7 @@ def approval_expire(*, approval: Approval) -> bool:
         )
         if not expired:
             return False
-        if approval.hold_id:
-            hold_release(hold=Hold.objects.get(pk=approval.hold_id))
+        holds_release(execution_id=approval.execution_id)
         Execution.objects.filter(pk=approval.execution_id, status=Execution.Status.PAUSED).update(
             status=Execution.Status.EXPIRED, finished_at=timezone.now()
         )
@@ -304,8 +301,7 @@ def approval_resume_claim(
         if decisions:
             _announce(approval, events.DECIDED, waiting=0)
         _announce(approval, events.RESUMED)
-        if locked.hold_id:
-            hold_release(hold=Hold.objects.get(pk=locked.hold_id))
+        holds_release(execution_id=locked.execution_id)  # the approval's, swapped for this request's below
         execution = locked.execution
         amount = hold_amount_for(round_calls)
         hold = hold_create(execution=execution, amount=amount) if amount > 0 else None

@@ -21,11 +21,10 @@ from django.db import transaction
 from django.utils import timezone
 from django_tasks import task
 
-from approvals.models import Approval, WebhookDelivery
 from chat.engine.ssrf import DestinationBlocked, IPAddress, destination_check, literal_address
-from chat.models import Group, ToolExecution, VaultSecret
 from chat.services.vault import vault_decrypt
 from chat.wire import iso
+from core.models import Approval, Group, ToolExecution, VaultSecret, WebhookDelivery
 
 logger = logging.getLogger(__name__)
 

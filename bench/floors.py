@@ -55,9 +55,9 @@ def statements_loop(count: int) -> dict:
 
     from chat.engine.providers import Usage
     from chat.engine.runner import call_worst_case, model_cost
-    from chat.models import ApiToken, Execution, Step
     from chat.selectors import group_for_run_get
     from chat.services.executions import execution_finish, execution_start
+    from core.models import ApiToken, Execution, Step
 
     token = ApiToken.objects.filter(revoked_at__isnull=True).latest("id")
     parts = group_for_run_get(token=token, group_id=uuid.UUID(GROUPS["chat_group"]))

@@ -13,7 +13,7 @@ from django.http import HttpRequest, StreamingHttpResponse
 
 from billing.models import LedgerEntry
 from billing.selectors import batched, execution_approval_ids, ledger_charge_links
-from chat.models import Execution
+from core.models import Execution
 
 BATCH = 1000
 LEDGER_HEADER = [

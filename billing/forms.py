@@ -10,7 +10,7 @@ from django.http import QueryDict
 from django.utils import timezone
 
 from billing.models import LedgerEntry
-from chat.models import Team
+from core.models import Team
 
 DEFAULT_DAYS = 30
 MAX_DAYS = 366

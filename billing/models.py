@@ -5,7 +5,7 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
-from chat.models import Execution, Team
+from core.models import Execution, Team
 
 
 class CreditAccount(models.Model):

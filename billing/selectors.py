@@ -11,9 +11,8 @@ from datetime import date, datetime, timedelta
 from django.db.models import Count, F, Prefetch, Q, QuerySet, Sum, Value
 from django.db.models.functions import Coalesce, TruncDate
 
-from approvals.models import Approval
 from billing.models import CreditAccount, Hold, LedgerEntry
-from chat.models import Execution, Step, Team, ToolExecution
+from core.models import Approval, Execution, Step, Team, ToolExecution
 
 
 def credit_account_get(*, team: Team) -> CreditAccount:
@@ -261,7 +260,7 @@ def execution_for_finance_get(*, teams: QuerySet[Team], execution_id: uuid.UUID)
         .select_related("team", "group", "token")
         .prefetch_related(
             Prefetch("steps", queryset=Step.objects.select_related("tool_execution").order_by("id")),
-            Prefetch("approvals", queryset=Approval.objects.select_related("hold").order_by("created_at")),
+            Prefetch("approvals", queryset=Approval.objects.order_by("created_at")),
             Prefetch("tool_executions", queryset=ToolExecution.objects.order_by("created_at", "position")),
             Prefetch("ledger_entries", queryset=LedgerEntry.objects.select_related("actor").order_by("id")),
         )

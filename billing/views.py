@@ -21,9 +21,9 @@ from billing.exports import LEDGER_HEADER, USAGE_HEADER, csv_response, ledger_cs
 from billing.forms import CreditGrantForm, LedgerFilterForm, Period, PeriodForm
 from billing.services.ledger import credits_grant
 from chat.errors import ApiError
-from chat.models import Team
 from chat.selectors import team_list_for_user
 from chat.services.recovery import execution_recover_if_lapsed
+from core.models import Team
 
 LEDGER_PAGE_SIZE = 50
 

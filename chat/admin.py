@@ -5,7 +5,9 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.urls import reverse
 
-from chat.models import (
+from chat.services.tokens import token_secret_new
+from chat.services.vault import vault_encrypt
+from core.models import (
     ApiToken,
     CustomModel,
     Execution,
@@ -17,8 +19,6 @@ from chat.models import (
     Tool,
     VaultSecret,
 )
-from chat.services.tokens import token_secret_new
-from chat.services.vault import vault_encrypt
 
 # URLs without a scheme are taken as https (Django 6's default; saying it now silences its warning).
 URL_FIELDS = {models.URLField: {"assume_scheme": "https"}}
@@ -117,7 +117,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
             **self.admin_site.each_context(request),
             "token": obj,
             "secret": obj._new_secret,
-            "list_url": reverse("admin:chat_apitoken_changelist"),
+            "list_url": reverse("admin:core_apitoken_changelist"),
         }
         return render(request, "admin/chat/apitoken/created.html", context)
 

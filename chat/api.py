@@ -29,7 +29,6 @@ from chat.engine.runner import (
 )
 from chat.engine.tools import arguments_redact
 from chat.errors import AuthenticationError, InvalidRequest, NotFound
-from chat.models import ApiToken
 from chat.openapi import (
     approval_detail_schema,
     chat_completion_schema,
@@ -59,6 +58,7 @@ from chat.wire import (
     execution_body,
     resume_request_parse,
 )
+from core.models import ApiToken
 from kitemesh_site.db import connections_upkeep, in_db_thread
 from kitemesh_site.metrics import stream_first_byte_observe, stream_open
 from kitemesh_site.middleware import request_id_bind

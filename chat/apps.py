@@ -14,8 +14,8 @@ class ChatConfig(AppConfig):
         """Any change to what a run reads of its group clears this process's cache of it."""
         from django.db.models.signals import m2m_changed, post_delete, post_save
 
-        from chat import models
         from chat.selectors import config_cache_clear
+        from core import models
 
         config = [
             models.Team,

@@ -4,8 +4,8 @@ from rest_framework.authentication import BaseAuthentication
 from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.request import Request
 
-from chat.models import ApiToken
 from chat.services.tokens import INVALID_TOKEN_MESSAGE, token_authenticate
+from core.models import ApiToken
 
 
 def bearer_secret(request: Request) -> str:

@@ -19,9 +19,8 @@ from drf_spectacular.utils import (
 )
 from rest_framework import serializers
 
-from approvals.models import Approval
-from chat.models import Execution, Mode, Step, Tool, ToolExecution
 from chat.wire import MAX_OUTPUT_TOKENS
+from core.models import Approval, Execution, Mode, Step, Tool, ToolExecution
 
 # The mode a request actually ran in: `auto` is resolved before anything runs, so it is never reported.
 RUN_MODES = [Mode.NORMAL.value, Mode.SYNTHESIS.value, Mode.ORCHESTRATION.value]

@@ -12,8 +12,8 @@ from django.db.models import Q, QuerySet
 
 from chat.engine.providers import ModelEndpoint
 from chat.errors import NotFound, PermissionDenied
-from chat.models import ApiToken, CustomModel, Execution, Group, GroupAgent, GroupFallback, Team, Tool, VaultSecret
 from chat.services.vault import vault_decrypt
+from core.models import ApiToken, CustomModel, Execution, Group, GroupAgent, GroupFallback, Team, Tool, VaultSecret
 from kitemesh_site.sql import M, db_value, sql_instances
 
 _TokenGroups = ApiToken.groups.through

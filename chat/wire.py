@@ -19,7 +19,7 @@ from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
 
 from chat.errors import ApiError, AuthenticationError, InternalError, InvalidRequest, NotFound
-from chat.models import Mode
+from core.models import Mode
 
 logger = logging.getLogger(__name__)
 

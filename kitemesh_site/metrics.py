@@ -26,11 +26,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
-from approvals.models import Approval
 from billing.models import LedgerEntry
 from chat.errors import AuthenticationError, PermissionDenied
-from chat.models import Team
 from chat.wire import error_response, request_id_of
+from core.models import Approval, Team
 
 logger = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ from django.db import connection
 
 from billing.services.ledger import credits_grant
 from chat.engine import providers
-from chat.models import ApiToken, CustomModel, Group, Team
 from chat.selectors import config_cache_clear
 from chat.services.tokens import token_create
 from chat.services.vault import secret_set
+from core.models import ApiToken, CustomModel, Group, Team
 from tests.support.browser import CHROMIUM_ARGS, chromium_or_skip
 from tests.support.live_server import LiveServer
 from tests.support.tool_server import ToolServer
@@ -170,7 +170,7 @@ def tools_on_loopback(settings) -> None:
 def group_tool(setup: Setup, tool_server: ToolServer, tools_on_loopback):
     """Make a Tool of setup's team on the loopback tool server (path `/<name>` unless given) and add it to
     setup's group (or `group`)."""
-    from chat.models import Tool
+    from core.models import Tool
 
     def make(
         name: str = "create_ticket",

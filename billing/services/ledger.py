@@ -3,6 +3,7 @@ account — in one transaction. Nothing else writes CreditAccount."""
 
 import functools
 import math
+import uuid
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -12,7 +13,7 @@ from django.utils import timezone
 
 from billing.models import CreditAccount, Hold, LedgerEntry
 from chat.errors import InsufficientCredits, InvalidRequest
-from chat.models import Execution, Team
+from core.models import Execution, Team
 from kitemesh_site.sql import (
     db_value,
     for_update,
@@ -205,6 +206,13 @@ def hold_release(*, hold: Hold) -> bool:
             execution_id=hold.execution_id,
         )
     return bool(updated)
+
+
+def holds_release(*, execution_id: uuid.UUID) -> int:
+    """Release the execution's active holds (a paused run's: what its approval's tools would cost);
+    how many. Runs inside the caller's transaction."""
+    active = Hold.objects.filter(execution_id=execution_id, status=Hold.Status.ACTIVE)
+    return sum(hold_release(hold=hold) for hold in active)
 
 
 # --- The request path on PostgreSQL: each of its transactions one statement (kitemesh_site.sql) -----

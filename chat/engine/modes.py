@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from chat.engine.providers import ModelEndpoint
 from chat.errors import InvalidRequest
-from chat.models import CustomModel, Group, GroupAgent, Mode
+from core.models import CustomModel, Group, GroupAgent, Mode
 
 DELEGATE_TOOL = "delegate_to_agent"
 AGENT_CONCURRENCY = 4  # agent calls in flight at once for one request

@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 
 from django.conf import settings
 
-from approvals.models import Approval
 from approvals.services import ResumeClaim, approval_pause
 from billing.models import Hold
 from billing.services.ledger import hold_reserve
@@ -44,7 +43,6 @@ from chat.engine.tools import (
     tool_spec,
 )
 from chat.errors import ApiError, InternalError, UpstreamError
-from chat.models import ApiToken, CustomModel, Execution, Group, GroupAgent, Mode, Step, Tool, ToolExecution
 from chat.selectors import model_endpoint_get
 from chat.services.executions import (
     ExecutionStart,
@@ -56,6 +54,7 @@ from chat.services.executions import (
     tool_execution_start,
 )
 from chat.wire import SSE_DONE, ChatRequest, chunk_body, completion_body, error_body, random_hex, sse_event
+from core.models import ApiToken, Approval, CustomModel, Execution, Group, GroupAgent, Mode, Step, Tool, ToolExecution
 from kitemesh_site.db import db_future, in_db_thread
 from kitemesh_site.metrics import tool_run_count, upstream_call_observe, upstream_error_count
 

@@ -19,8 +19,8 @@ from jsonschema.exceptions import SchemaError, ValidationError, relevance
 
 from chat.engine.clients import per_loop
 from chat.engine.ssrf import DestinationBlocked, IPAddress, Resolver, destination_check, literal_address
-from chat.models import Tool
 from chat.services.vault import vault_decrypt
+from core.models import Tool
 
 logger = logging.getLogger(__name__)
 

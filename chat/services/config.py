@@ -14,12 +14,12 @@ from django.db import models, transaction
 
 from billing.models import CreditAccount
 from billing.services.ledger import credits_grant
-from chat.models import CustomModel, Group, GroupAgent, GroupFallback, Mode, Team, Tool, VaultSecret
 from chat.services.vault import secret_set
+from core.models import CustomModel, Group, GroupAgent, GroupFallback, Mode, Team, Tool, VaultSecret
 
 _NAME = {"type": "string", "minLength": 1, "maxLength": 100}
 _MONEY = {"type": "number", "minimum": 0}
-PRICE_DECIMALS = 6  # as stored (chat.models): a finer price would be silently rounded
+PRICE_DECIMALS = 6  # as stored (core.models): a finer price would be silently rounded
 _HTTP_URL = {"type": "string", "pattern": "^https?://"}
 
 CONFIG_SCHEMA: dict[str, Any] = {

@@ -21,8 +21,8 @@ from billing.services.ledger import (
     hold_settle_with,
 )
 from chat.errors import ApiError, AuthenticationError, Conflict, InternalError
-from chat.models import ApiToken, Execution, Group, Step, ToolExecution
 from chat.services.tokens import INVALID_TOKEN_MESSAGE, token_live_check, token_live_query
+from core.models import ApiToken, Execution, Group, Step, ToolExecution
 from kitemesh_site.sql import insert_values, single_statement_writes, sql_insert, sql_update, update_statement
 
 logger = logging.getLogger(__name__)

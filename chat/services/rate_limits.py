@@ -8,7 +8,7 @@ from django.conf import settings
 
 from chat.engine.clients import per_loop
 from chat.errors import RateLimited
-from chat.models import ApiToken
+from core.models import ApiToken
 
 STREAM_SLOT_TTL = 3600  # a worker that dies mid-stream frees its slots after this long (Redis only)
 

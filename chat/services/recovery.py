@@ -12,13 +12,12 @@ from django.db.models import Q
 from django.utils import timezone
 from django_tasks import task
 
-from approvals.models import Approval
 from approvals.selectors import approval_for_token_get
 from approvals.services import approval_interrupt, approvals_expire_due
 from approvals.webhooks import webhook_deliveries_requeue
 from billing.models import Hold
 from billing.services.ledger import hold_settle
-from chat.models import ApiToken, Execution, Step, ToolExecution
+from core.models import ApiToken, Approval, Execution, Step, ToolExecution
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from django.db import transaction
 from django.utils import timezone
 
 from chat.errors import AuthenticationError
-from chat.models import ApiToken, Group, Team, Tool
 from chat.selectors import team_cached, team_get
+from core.models import ApiToken, Group, Team, Tool
 from kitemesh_site.sql import db_value, sql_instances, sql_rows
 
 TOKEN_PREFIX = "km_"

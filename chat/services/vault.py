@@ -3,7 +3,7 @@
 from django.db import transaction
 from django.utils import timezone
 
-from chat.models import Team, VaultSecret
+from core.models import Team, VaultSecret
 from core.vault import decrypt, encrypt
 
 

@@ -12,9 +12,8 @@ import httpx
 import pytest
 from django.contrib.auth import get_user_model
 
-from approvals.models import Approval
 from approvals.services import approval_decide
-from chat.models import ToolExecution
+from core.models import Approval, ToolExecution
 from tests.conftest import Setup, make_setup
 from tests.support.helpers import credits
 from tests.support.tool_server import ToolResponse

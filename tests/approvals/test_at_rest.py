@@ -6,7 +6,7 @@ import json
 
 from django.db import connection
 
-from chat.models import Execution
+from core.models import Execution
 from tests.approvals.test_resume import call, chat, paused_ids, tools_reply
 from tests.conftest import Setup
 from tests.support.upstream import Reply

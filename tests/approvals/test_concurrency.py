@@ -12,10 +12,9 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.db import connection
 
-from approvals.models import Approval
 from approvals.services import approval_decide
 from billing.models import CreditAccount, Hold, LedgerEntry
-from chat.models import Execution, Step, Tool, ToolExecution
+from core.models import Approval, Execution, Step, Tool, ToolExecution
 from tests.conftest import Setup, make_setup
 from tests.support.tool_server import ToolResponse, ToolServer
 from tests.support.upstream import FakeUpstream, Reply

@@ -17,10 +17,9 @@ import httpx
 import pytest
 from django.core.management import call_command
 
-from approvals.models import Approval
 from billing.models import CreditAccount, Hold
 from chat.engine.runner import UNKNOWN_OUTCOME
-from chat.models import Execution, Step, Tool, ToolExecution
+from core.models import Approval, Execution, Step, Tool, ToolExecution
 from tests.conftest import Setup, make_setup
 from tests.support.helpers import wait_for
 from tests.support.server_process import ServerProcess

@@ -1,5 +1,5 @@
 """The approver pages (SPEC §5 `/approvals/`; README "Approver pages"): who may see and decide (team
-membership and the `approvals.decide_approval` permission), the queue, the decision view with the costs,
+membership and the `core.decide_approval` permission), the queue, the decision view with the costs,
 decisions recorded with who, when and why, the history, and the live event stream (per team, and across
 worker processes through Redis)."""
 
@@ -23,12 +23,11 @@ from django.utils import timezone
 
 from approvals import events
 from approvals.events import ALL_TEAMS_CHANNEL, ApprovalChannelManager, team_channel
-from approvals.models import Approval
 from approvals.services import approval_decide, approval_pause
 from billing.models import Hold
 from billing.services.ledger import hold_create
 from chat.engine.tools import tool_risk
-from chat.models import Execution, Group, Team, Tool, ToolExecution
+from core.models import Approval, Execution, Group, Team, Tool, ToolExecution
 from tests.conftest import Setup, make_setup
 from tests.support.server_process import ServerProcess
 from tests.support.tool_server import ToolServer
@@ -394,8 +393,7 @@ def test_decisions_need_the_csrf_token(acme, ticket):
 
 def test_a_decision_on_an_expired_approval_changes_nothing_says_so_and_releases_the_hold(acme, ticket):
     approval = paused_approval(acme.group, [(ticket, TICKET_ARGUMENTS)])
-    approval.hold = hold_create(execution=approval.execution, amount=2)
-    approval.save(update_fields=["hold"])
+    hold = hold_create(execution=approval.execution, amount=2)  # the paused run's, as the pause takes it
     Approval.objects.filter(pk=approval.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
     [call] = waiting_calls(approval)
 
@@ -406,7 +404,7 @@ def test_a_decision_on_an_expired_approval_changes_nothing_says_so_and_releases_
     assert "This approval has expired; nothing was changed." in response.content.decode()
     assert ToolExecution.objects.get(pk=call.pk).status == ToolExecution.Status.PENDING
     assert Approval.objects.get(pk=approval.pk).status == Approval.Status.EXPIRED
-    assert Hold.objects.get(pk=approval.hold_id).status == Hold.Status.SETTLED
+    assert Hold.objects.get(pk=hold.pk).status == Hold.Status.SETTLED
     assert 'name="decision"' not in response.content.decode()  # no more buttons
 
 

@@ -13,9 +13,8 @@ from django.conf import settings
 from django.contrib.auth.models import User
 from playwright.sync_api import Page, expect
 
-from approvals.models import Approval
 from approvals.services import approval_decide
-from chat.models import Group, Team, ToolExecution
+from core.models import Approval, Group, Team, ToolExecution
 from tests.approvals.test_pages import make_tool, person
 from tests.conftest import Setup, make_setup
 from tests.support.tool_server import ToolServer

@@ -10,9 +10,8 @@ from decimal import Decimal
 import httpx
 import pytest
 
-from approvals.models import Approval
 from billing.models import CreditAccount
-from chat.models import Execution, Tool, ToolExecution
+from core.models import Approval, Execution, Tool, ToolExecution
 from tests.conftest import Setup, make_setup
 from tests.support.server_process import ServerProcess
 from tests.support.tool_server import ToolResponse, ToolServer

@@ -15,11 +15,10 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 
-from approvals.models import Approval
 from approvals.services import approval_decide
 from billing.models import CreditAccount, Hold, LedgerEntry
 from billing.services.ledger import credits_grant
-from chat.models import Execution, Group, ToolExecution
+from core.models import Approval, Execution, Group, ToolExecution
 from tests.conftest import Setup, make_setup
 from tests.support.helpers import credits, sse_chunks
 from tests.support.upstream import Reply
@@ -775,7 +774,7 @@ def test_expired_approval_is_410_its_hold_is_released_and_the_tool_never_runs(
     }
     approval = Approval.objects.get(pk=approval_id)
     assert approval.status == Approval.Status.EXPIRED
-    assert Hold.objects.get(pk=approval.hold_id).status == Hold.Status.SETTLED
+    assert not Hold.objects.filter(execution_id=approval.execution_id, status=Hold.Status.ACTIVE).exists()
     last = LedgerEntry.objects.filter(team=setup.team).order_by("-id").first()
     assert (last.kind, last.amount, last.held_after) == (LedgerEntry.Kind.RELEASE, TICKET_PRICE, 0)
     assert str(last.execution_id) == paused["kitemesh"]["execution_id"]

@@ -8,9 +8,8 @@ import uuid
 import httpx
 import pytest
 
-from approvals.models import Approval
-from chat.models import Group, Tool, ToolExecution
 from chat.services.tokens import token_create
+from core.models import Approval, Group, Tool, ToolExecution
 from tests.approvals.test_resume import call, pause, paused_ids
 from tests.conftest import Setup, make_setup
 from tests.support.upstream import Reply

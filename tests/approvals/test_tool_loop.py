@@ -14,8 +14,8 @@ import pytest
 
 from billing.models import LedgerEntry
 from chat.engine.runner import MAX_TOOL_ROUNDS
-from chat.models import Execution, Tool, ToolExecution
 from chat.services.tokens import token_create
+from core.models import Execution, Tool, ToolExecution
 from tests.conftest import Setup
 from tests.support.helpers import credits, sse_chunks, wait_for
 from tests.support.tool_server import ToolResponse, ToolServer

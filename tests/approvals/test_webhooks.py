@@ -15,12 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from approvals.models import Approval, WebhookDelivery
 from approvals.services import approval_decide, approval_expire
 from chat.errors import Conflict
-from chat.models import Group
 from chat.services.config import ConfigError, config_apply
 from chat.services.vault import secret_set
+from core.models import Approval, Group, WebhookDelivery
 from tests.approvals.test_pages import (
     TICKET_ARGUMENTS,
     make_tool,

@@ -14,7 +14,7 @@ import pytest
 from django.db import connection
 
 from billing.models import CreditAccount, Hold, LedgerEntry
-from chat.models import Execution
+from core.models import Execution
 from tests.conftest import Setup, make_setup
 from tests.support.helpers import sse_chunks
 from tests.support.server_process import ServerProcess

@@ -19,9 +19,9 @@ from billing.charts import bar_chart
 from billing.forms import Period
 from billing.models import LedgerEntry
 from billing.services.ledger import credits_grant, hold_create
-from chat.models import ApiToken, CustomModel, Execution, Group, Step, Team, Tool, ToolExecution
 from chat.services.executions import execution_finish, execution_start
 from chat.services.tokens import token_create
+from core.models import ApiToken, CustomModel, Execution, Group, Step, Team, Tool, ToolExecution
 from tests.conftest import Setup, make_setup
 
 _request_ids = itertools.count(1)

@@ -22,7 +22,7 @@ from billing.services.ledger import (
     hold_settle_with,
 )
 from chat.errors import InsufficientCredits, InvalidRequest
-from chat.models import Execution, Team
+from core.models import Execution, Team
 from kitemesh_site.sql import single_statement_writes
 from tests.conftest import Setup, make_setup
 

@@ -15,12 +15,11 @@ from django.contrib.auth.models import Permission, User
 from django.test import AsyncClient, Client
 from django.utils import timezone
 
-from approvals.models import Approval
 from approvals.services import approval_decide
 from billing.exports import LEDGER_HEADER, USAGE_HEADER
 from billing.models import CreditAccount, LedgerEntry
 from billing.services.ledger import credits_grant
-from chat.models import Execution, Team, ToolExecution
+from core.models import Approval, Execution, Team, ToolExecution
 from tests.billing.test_finance_selectors import model_call, record_run
 from tests.conftest import Setup, make_setup
 from tests.support.tool_server import ToolResponse, ToolServer

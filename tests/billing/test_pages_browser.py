@@ -11,8 +11,8 @@ from django.contrib.auth.models import Permission, User
 from django.utils import timezone
 
 from billing.models import CreditAccount, LedgerEntry
-from chat.models import Execution, Step, Tool
 from chat.services.tokens import token_create
+from core.models import Execution, Step, Tool
 from tests.billing.test_finance_selectors import model_call, record_run, tool_call
 from tests.conftest import Setup, make_setup
 from tests.support.upstream import FakeUpstream

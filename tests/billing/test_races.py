@@ -10,7 +10,7 @@ from django.db import connection, connections, transaction
 
 from billing.models import CreditAccount, Hold, LedgerEntry
 from billing.services.ledger import hold_create, hold_settle
-from chat.models import Execution
+from core.models import Execution
 from tests.conftest import make_setup
 
 

@@ -8,11 +8,10 @@ import pytest
 from django.urls import reverse
 from django.utils import timezone
 
-from approvals.models import WebhookDelivery
 from billing.models import CreditAccount, LedgerEntry
-from chat.models import ApiToken, Execution, Step, Tool, VaultSecret
 from chat.services.tokens import token_authenticate
 from chat.services.vault import secret_set, vault_decrypt
+from core.models import ApiToken, Execution, Step, Tool, VaultSecret, WebhookDelivery
 from tests.conftest import UPSTREAM_API_KEY, Setup
 
 SECRET_IN_PAGE = re.compile(r'value="(km_[A-Za-z0-9_-]+)"')
@@ -31,13 +30,13 @@ def configured(setup: Setup) -> Setup:
 
 
 ADMIN_MODELS = [
-    "chat.team",
-    "chat.vaultsecret",
-    "chat.custommodel",
-    "chat.tool",
-    "chat.group",
-    "chat.apitoken",
-    "chat.execution",
+    "core.team",
+    "core.vaultsecret",
+    "core.custommodel",
+    "core.tool",
+    "core.group",
+    "core.apitoken",
+    "core.execution",
     "billing.ledgerentry",
     "billing.creditaccount",
     "billing.hold",
@@ -55,13 +54,13 @@ def test_admin_changelist_works(admin_client, configured: Setup, label: str):
 
 def _object_for(label: str, setup: Setup):
     return {
-        "chat.team": setup.team,
-        "chat.vaultsecret": setup.brain.api_key_secret,
-        "chat.custommodel": setup.brain,
-        "chat.tool": Tool.objects.get(team=setup.team),
-        "chat.group": setup.group,
-        "chat.apitoken": setup.token,
-        "chat.execution": Execution.objects.get(request_id="req_admin"),
+        "core.team": setup.team,
+        "core.vaultsecret": setup.brain.api_key_secret,
+        "core.custommodel": setup.brain,
+        "core.tool": Tool.objects.get(team=setup.team),
+        "core.group": setup.group,
+        "core.apitoken": setup.token,
+        "core.execution": Execution.objects.get(request_id="req_admin"),
         "billing.ledgerentry": LedgerEntry.objects.filter(team=setup.team).first(),
         "billing.creditaccount": CreditAccount.objects.get(team=setup.team),
     }[label]
@@ -79,7 +78,7 @@ def test_admin_change_page_works(admin_client, configured: Setup, label: str):
 
 def _add_token(admin_client, setup: Setup, name: str = "from-admin"):
     return admin_client.post(
-        reverse("admin:chat_apitoken_add"),
+        reverse("admin:core_apitoken_add"),
         {
             "team": setup.team.pk,
             "name": name,
@@ -106,8 +105,8 @@ def test_adding_a_token_shows_its_secret_once_and_stores_only_its_hash(admin_cli
     assert list(token.groups.all()) == [setup.group]
     assert token_authenticate(secret) == token
 
-    change_page = admin_client.get(reverse("admin:chat_apitoken_change", args=[token.pk]))
-    changelist = admin_client.get(reverse("admin:chat_apitoken_changelist"))
+    change_page = admin_client.get(reverse("admin:core_apitoken_change", args=[token.pk]))
+    changelist = admin_client.get(reverse("admin:core_apitoken_changelist"))
     for page in (change_page, changelist):
         assert page.status_code == 200
         assert secret not in page.content.decode()
@@ -119,7 +118,7 @@ def test_editing_a_token_in_the_admin_keeps_its_secret(admin_client, setup: Setu
     token = ApiToken.objects.get(name="from-admin")
 
     response = admin_client.post(
-        reverse("admin:chat_apitoken_change", args=[token.pk]),
+        reverse("admin:core_apitoken_change", args=[token.pk]),
         {
             "team": setup.team.pk,
             "name": "renamed",
@@ -141,7 +140,7 @@ def test_adding_a_vault_secret_stores_it_encrypted_and_never_renders_it(admin_cl
     value = "crm-secret-typed-into-the-admin"
 
     response = admin_client.post(
-        reverse("admin:chat_vaultsecret_add"),
+        reverse("admin:core_vaultsecret_add"),
         {"team": setup.team.pk, "name": "crm-key", "description": "CRM API key", "value": value},
     )
 
@@ -151,8 +150,8 @@ def test_adding_a_vault_secret_stores_it_encrypted_and_never_renders_it(admin_cl
     assert vault_decrypt(secret) == value
     assert secret.description == "CRM API key"
     for url in (
-        reverse("admin:chat_vaultsecret_change", args=[secret.pk]),
-        reverse("admin:chat_vaultsecret_changelist"),
+        reverse("admin:core_vaultsecret_change", args=[secret.pk]),
+        reverse("admin:core_vaultsecret_changelist"),
     ):
         page = admin_client.get(url)
         assert page.status_code == 200
@@ -162,7 +161,7 @@ def test_adding_a_vault_secret_stores_it_encrypted_and_never_renders_it(admin_cl
 
 def test_a_new_vault_secret_needs_a_value(admin_client, setup: Setup):
     response = admin_client.post(
-        reverse("admin:chat_vaultsecret_add"), {"team": setup.team.pk, "name": "empty-key", "value": ""}
+        reverse("admin:core_vaultsecret_add"), {"team": setup.team.pk, "name": "empty-key", "value": ""}
     )
 
     assert response.status_code == 200
@@ -175,7 +174,7 @@ def test_editing_a_vault_secret_without_a_value_keeps_it(admin_client, setup: Se
     ciphertext = bytes(secret.ciphertext)
 
     response = admin_client.post(
-        reverse("admin:chat_vaultsecret_change", args=[secret.pk]),
+        reverse("admin:core_vaultsecret_change", args=[secret.pk]),
         {"team": setup.team.pk, "name": secret.name, "description": "now described", "value": ""},
     )
 
@@ -190,7 +189,7 @@ def test_a_new_value_in_the_admin_rotates_the_secret_in_place(admin_client, setu
     secret = secret_set(team=setup.team, name="crm-key", value="old-value")
 
     response = admin_client.post(
-        reverse("admin:chat_vaultsecret_change", args=[secret.pk]),
+        reverse("admin:core_vaultsecret_change", args=[secret.pk]),
         {"team": setup.team.pk, "name": "crm-key", "description": "", "value": "new-value"},
     )
 
@@ -248,9 +247,9 @@ def test_the_admin_lists_webhook_deliveries_with_their_last_error(admin_client, 
         next_attempt_at=timezone.now(),
     )
 
-    response = admin_client.get(reverse("admin:approvals_webhookdelivery_changelist"))
+    response = admin_client.get(reverse("admin:core_webhookdelivery_changelist"))
 
     assert response.status_code == 200
     page = response.content.decode()
     assert "evt_admin_1" in page and "HTTP 502" in page and "acme/support" in page
-    assert admin_client.get(reverse("admin:approvals_webhookdelivery_add")).status_code == 403
+    assert admin_client.get(reverse("admin:core_webhookdelivery_add")).status_code == 403

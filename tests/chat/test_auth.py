@@ -12,8 +12,8 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from billing.models import CreditAccount, LedgerEntry
-from chat.models import ApiToken, Execution, Group
 from chat.services.tokens import token_create, token_revoke
+from core.models import ApiToken, Execution, Group
 from tests.conftest import Setup, make_setup
 
 MISSING = "Missing Bearer API token"

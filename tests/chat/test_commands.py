@@ -10,8 +10,8 @@ from django.core.management.base import CommandError
 from django.utils import timezone
 
 from billing.models import CreditAccount, LedgerEntry
-from chat.models import ApiToken, Tool
 from chat.services.tokens import token_authenticate, token_hash
+from core.models import ApiToken, Tool
 from tests.conftest import Setup, make_setup
 
 TOKEN_LINE = re.compile(r"^km_[A-Za-z0-9_-]{43}$")

@@ -14,7 +14,7 @@ import pytest
 from django.conf import settings
 
 from billing.models import CreditAccount, Hold, LedgerEntry
-from chat.models import Execution, Step
+from core.models import Execution, Step
 from tests.conftest import UPSTREAM_API_KEY, Setup, make_setup
 from tests.support.helpers import credits
 from tests.support.upstream import Reply

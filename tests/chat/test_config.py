@@ -14,8 +14,8 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from billing.models import CreditAccount, LedgerEntry
-from chat.models import CustomModel, Group, GroupAgent, Team, Tool, VaultSecret
 from chat.services.vault import vault_decrypt
+from core.models import CustomModel, Group, GroupAgent, Team, Tool, VaultSecret
 
 GROUP_ID = "123e4567-e89b-12d3-a456-426614174000"
 CRM_ENV = "KITEMESH_TEST_CRM_KEY"

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from chat.models import CustomModel, GroupAgent, Team, Tool
+from core.models import CustomModel, GroupAgent, Team, Tool
 from tests.chat.test_scripted import make_scripted_setup
 from tests.conftest import Setup
 

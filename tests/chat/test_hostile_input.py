@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from billing.models import Hold
-from chat.models import CustomModel, Execution, GroupAgent, Step
+from core.models import CustomModel, Execution, GroupAgent, Step
 from tests.chat.test_scripted import make_scripted_setup
 from tests.conftest import Setup
 from tests.support.helpers import credits, sse_chunks, wait_for

@@ -7,7 +7,7 @@ from decimal import Decimal
 import httpx
 import pytest
 
-from chat.models import CustomModel, Execution, GroupFallback
+from core.models import CustomModel, Execution, GroupFallback
 from tests.conftest import Setup
 from tests.support.upstream import FakeUpstream, Reply
 

@@ -17,8 +17,8 @@ from django.core.management import call_command
 
 from billing.models import CreditAccount, Hold, LedgerEntry
 from billing.services.ledger import credits_grant
-from chat.models import CustomModel, Execution, Group, Team, Tool, ToolExecution
 from chat.services.tokens import token_create
+from core.models import CustomModel, Execution, Group, Team, Tool, ToolExecution
 from tests.conftest import Setup
 from tests.support.helpers import sse_chunks
 from tests.support.tool_server import ToolResponse, ToolServer

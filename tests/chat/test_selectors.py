@@ -8,10 +8,10 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from chat.errors import NotFound, PermissionDenied
-from chat.models import ApiToken, CustomModel, Group, GroupAgent, GroupFallback, Team, Tool, VaultSecret
 from chat.selectors import group_for_run_load, group_list_for_token, team_get
 from chat.services.tokens import token_authenticate, token_create
 from chat.services.vault import secret_set
+from core.models import ApiToken, CustomModel, Group, GroupAgent, GroupFallback, Team, Tool, VaultSecret
 from kitemesh_site.sql import db_value, sql_instances
 from tests.conftest import Setup
 

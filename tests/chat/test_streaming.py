@@ -15,7 +15,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from billing.models import CreditAccount, Hold, LedgerEntry
-from chat.models import Execution, Step
+from core.models import Execution, Step
 from tests.conftest import UPSTREAM_API_KEY, Setup, make_setup
 from tests.support.helpers import credits, wait_for
 from tests.support.upstream import Reply

@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 
-from chat.models import Group
 from chat.services.tokens import token_create
+from core.models import Group
 from tests.conftest import Setup, make_setup
 
 PATH = "/v1/chat/completions"

@@ -11,9 +11,9 @@ from django.conf import settings as django_settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db.models import ProtectedError
 
-from chat.models import CustomModel, Team, Tool, VaultSecret
 from chat.services.vault import secret_set, vault_decrypt
 from core import vault
+from core.models import CustomModel, Team, Tool, VaultSecret
 from core.vault import vault_key_check
 
 PLAINTEXT = "sk-live-plaintext-value-1234567890"

@@ -256,8 +256,8 @@ def configure(upstream: Upstream, tools: ToolService, workdir: Path) -> tuple[st
     from django.contrib.auth.models import Permission, User
     from django.core.management import call_command
 
-    from chat.models import Team
     from chat.services.tokens import token_create
+    from core.models import Team
 
     path = workdir / "fault.yaml"
     path.write_text(CONFIG.format(credits=TEAM_CREDITS, upstream=upstream.base_url, tools=tools.url, group=GROUP_ID))
@@ -404,7 +404,7 @@ def invariants_check(tools: ToolService, tally: Tally) -> list[str]:
     from django.utils import timezone
 
     from billing.models import CreditAccount, Hold, LedgerEntry
-    from chat.models import Execution
+    from core.models import Execution
 
     failures = []
     with transaction.atomic():
@@ -527,7 +527,7 @@ def main() -> int:
     server.stop()
     worker.stop()
 
-    from chat.models import Execution
+    from core.models import Execution
 
     statuses = Counter(Execution.objects.values_list("status", flat=True))
     print(f"runs: {sum(statuses.values())} executions ({', '.join(f'{n} {s}' for s, n in sorted(statuses.items()))})")

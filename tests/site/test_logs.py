@@ -11,8 +11,8 @@ import sys
 import httpx
 import pytest
 
-from chat.models import Tool
 from chat.services.vault import secret_set
+from core.models import Tool
 from kitemesh_site.logs import JsonFormatter, logging_config, request_id_var
 from tests.conftest import UPSTREAM_API_KEY, Setup
 from tests.support.server_process import ServerProcess

@@ -16,8 +16,8 @@ from django.db.models import Sum
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from approvals.models import Approval
 from billing.models import LedgerEntry
+from core.models import Approval
 from tests.conftest import Setup, make_setup
 from tests.support.server_process import ServerProcess
 from tests.support.tool_server import ToolResponse, ToolServer

@@ -21,9 +21,8 @@ import pytest
 import yaml
 from django.conf import settings as django_settings
 
-from approvals.models import Approval
-from chat.models import Group
 from chat.services.tokens import token_create
+from core.models import Approval, Group
 from tests.conftest import Setup, make_setup
 from tests.support.upstream import Reply
 

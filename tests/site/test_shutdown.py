@@ -7,7 +7,7 @@ import time
 
 import httpx
 
-from chat.models import Execution
+from core.models import Execution
 from tests.support.server_process import ServerProcess
 from tests.support.upstream import Reply
 

@@ -2,7 +2,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from billing.services.ledger import credits_grant
 from chat.errors import ApiError
-from chat.models import Team
+from core.models import Team
 
 
 class Command(BaseCommand):

@@ -2,8 +2,8 @@ import uuid
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from chat.models import Group, Team, Tool
 from chat.services.tokens import token_create, token_expiry
+from core.models import Group, Team, Tool
 
 
 class Command(BaseCommand):

@@ -1,7 +1,7 @@
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from chat.models import ApiToken
 from chat.services.tokens import token_revoke
+from core.models import ApiToken
 
 
 class Command(BaseCommand):

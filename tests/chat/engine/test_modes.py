@@ -19,13 +19,12 @@ import pytest
 from django.conf import settings as django_settings
 from django.core.management import call_command
 
-from approvals.models import Approval
 from billing.models import CreditAccount, Hold, LedgerEntry
 from billing.services.ledger import credits_grant
 from chat.engine.modes import AGENT_CONCURRENCY
-from chat.models import CustomModel, Execution, Group, GroupAgent, Step, Team, Tool, ToolExecution
 from chat.services.tokens import token_create
 from chat.services.vault import secret_set
+from core.models import Approval, CustomModel, Execution, Group, GroupAgent, Step, Team, Tool, ToolExecution
 from tests.conftest import Setup, make_setup
 from tests.support.helpers import sse_chunks, wait_for
 from tests.support.tool_server import ToolResponse

@@ -12,7 +12,7 @@ import pytest
 
 from chat.engine.ssrf import DestinationBlocked, Resolver, destination_check
 from chat.engine.tools import ToolResult, tool_call_run
-from chat.models import Tool
+from core.models import Tool
 from tests.support.tool_server import ToolResponse, ToolServer
 
 

@@ -23,8 +23,8 @@ from chat.engine.tools import (
     tool_risk,
     tool_spec,
 )
-from chat.models import Team, Tool
 from chat.services.vault import secret_set
+from core.models import Team, Tool
 from tests.support.tool_server import ToolResponse, ToolServer, tls_context_make
 
 SECRET = "crm-secret-value-do-not-leak-7f3a"

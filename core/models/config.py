@@ -1,33 +1,13 @@
-"""Configuration (teams, vault secrets, custom models, tools, groups, API tokens) and the record of
-every run (executions and their steps)."""
+"""What a team configures: vault secrets, custom models (upstream LLMs), HTTP tools, groups (a brain, agents,
+tools, fallbacks) and API tokens."""
 
 import uuid
 from decimal import Decimal
 
-from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
-from core.fields import EncryptedTextField
-
-
-class RateLimits(models.Model):
-    """Abstract: limits on API use; empty means no limit (a token's limit applies beside its team's)."""
-
-    requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
-    concurrent_streams = models.PositiveIntegerField(null=True, blank=True)
-
-    class Meta:
-        abstract = True
-
-
-class Team(RateLimits):
-    name = models.CharField(max_length=100, unique=True)
-    members = models.ManyToManyField(settings.AUTH_USER_MODEL, blank=True, related_name="teams")
-    created_at = models.DateTimeField(auto_now_add=True)
-
-    def __str__(self) -> str:
-        return self.name
+from core.models.teams import RateLimits, Team
 
 
 class VaultSecret(models.Model):
@@ -42,6 +22,7 @@ class VaultSecret(models.Model):
     rotated_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
+        db_table = "chat_vaultsecret"
         constraints = [models.UniqueConstraint(fields=["team", "name"], name="vault_secret_unique_name")]
 
     def __str__(self) -> str:
@@ -67,6 +48,7 @@ class CustomModel(models.Model):
     timeout_seconds = models.FloatField(null=True, blank=True, help_text="Read timeout; default from settings.")
 
     class Meta:
+        db_table = "chat_custommodel"
         constraints = [
             models.UniqueConstraint(fields=["team", "name"], name="custom_model_unique_name"),
             models.CheckConstraint(
@@ -122,6 +104,7 @@ class Tool(models.Model):
     tags = models.JSONField(default=list, blank=True)
 
     class Meta:
+        db_table = "chat_tool"
         constraints = [
             models.UniqueConstraint(fields=["team", "name"], name="tool_unique_name"),
             models.CheckConstraint(condition=Q(price__gte=0), name="tool_price_positive"),
@@ -167,6 +150,7 @@ class Group(models.Model):
     )
 
     class Meta:
+        db_table = "chat_group"
         constraints = [models.UniqueConstraint(fields=["team", "name"], name="group_unique_name")]
 
     def __str__(self) -> str:
@@ -186,6 +170,7 @@ class GroupAgent(models.Model):
     position = models.PositiveSmallIntegerField(default=0)
 
     class Meta:
+        db_table = "chat_groupagent"
         ordering = ["position", "id"]
         constraints = [models.UniqueConstraint(fields=["group", "name"], name="group_agent_unique_name")]
 
@@ -202,6 +187,7 @@ class GroupFallback(models.Model):
     position = models.PositiveSmallIntegerField(default=0)
 
     class Meta:
+        db_table = "chat_groupfallback"
         ordering = ["position", "id"]
         constraints = [models.UniqueConstraint(fields=["group", "model"], name="group_fallback_unique_model")]
 
@@ -226,6 +212,7 @@ class ApiToken(RateLimits):
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
+        db_table = "chat_apitoken"
         constraints = [
             models.UniqueConstraint(
                 fields=["team", "name"], condition=Q(revoked_at=None), name="api_token_unique_active_name"
@@ -237,160 +224,3 @@ class ApiToken(RateLimits):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}…)"
-
-
-class Execution(models.Model):
-    """One request (and its resumes) run through a group."""
-
-    class Status(models.TextChoices):
-        RUNNING = "running"
-        PAUSED = "paused"
-        SUCCEEDED = "succeeded"
-        FAILED = "failed"
-        CANCELLED = "cancelled"
-        EXPIRED = "expired"
-
-    id = models.UUIDField(primary_key=True, default=uuid.uuid4)
-    # Indexed by Meta's (team, -created_at), which serves lookups by team too: one index less to write
-    # on every request.
-    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="executions", db_index=False)
-    group = models.ForeignKey(Group, on_delete=models.SET_NULL, null=True, related_name="executions")
-    token = models.ForeignKey(ApiToken, on_delete=models.SET_NULL, null=True, related_name="executions")
-    request_id = models.CharField(max_length=128)
-    client_request_id = models.BooleanField(default=False, help_text="request_id came from the client.")
-    request_hash = models.CharField(max_length=64, blank=True)
-    mode = models.CharField(max_length=20, choices=Mode.choices)
-    stream = models.BooleanField(default=False)
-    status = models.CharField(max_length=20, choices=Status.choices, default=Status.RUNNING)
-    metadata = models.JSONField(default=dict, blank=True)
-    prompt_tokens = models.PositiveIntegerField(default=0)
-    completion_tokens = models.PositiveIntegerField(default=0)
-    credits_charged = models.PositiveIntegerField(default=0)
-    response = models.JSONField(null=True, blank=True, help_text="Non-stream response body, for replays.")
-    error = models.JSONField(null=True, blank=True)
-    lease_expires_at = models.DateTimeField(
-        null=True, blank=True, help_text="While running: renewed by the process working on it; lapsed, it died."
-    )
-    created_at = models.DateTimeField(auto_now_add=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
-
-    class Meta:
-        indexes = [
-            models.Index(fields=["team", "-created_at"]),
-            # The sweep's question, over the few running rows only.
-            models.Index(fields=["lease_expires_at"], condition=Q(status="running"), name="execution_running_lease"),
-        ]
-        constraints = [
-            models.UniqueConstraint(
-                fields=["team", "request_id"], condition=Q(client_request_id=True), name="execution_idempotency_key"
-            )
-        ]
-
-    def __str__(self) -> str:
-        return str(self.id)
-
-
-class Step(models.Model):
-    """One model call or tool run inside an execution."""
-
-    class Kind(models.TextChoices):
-        MODEL_CALL = "model_call"
-        TOOL_CALL = "tool_call"
-
-    class Status(models.TextChoices):
-        SUCCEEDED = "succeeded"
-        FAILED = "failed"
-        CANCELLED = "cancelled"
-
-    execution = models.ForeignKey(Execution, on_delete=models.CASCADE, related_name="steps")
-    kind = models.CharField(max_length=20, choices=Kind.choices)
-    tool_execution = models.ForeignKey(
-        "ToolExecution", null=True, blank=True, on_delete=models.SET_NULL, related_name="steps"
-    )
-    agent = models.CharField(max_length=64, blank=True, help_text="Agent name; blank for the brain.")
-    custom_model = models.ForeignKey(CustomModel, null=True, blank=True, on_delete=models.SET_NULL)
-    model_name = models.CharField(max_length=200, blank=True, help_text="Model, or tool name for a tool call.")
-    status = models.CharField(max_length=20, choices=Status.choices)
-    prompt_tokens = models.PositiveIntegerField(default=0)
-    completion_tokens = models.PositiveIntegerField(default=0)
-    usage_estimated = models.BooleanField(default=False)
-    cost = models.DecimalField(
-        max_digits=18, decimal_places=6, default=Decimal(0), help_text="Exact credits before rounding."
-    )
-    latency_ms = models.PositiveIntegerField(default=0)
-    error = models.CharField(max_length=500, blank=True)
-    settled = models.BooleanField(
-        default=True,
-        help_text="Charged by its request's settlement. A step written while its run works is not yet: a run "
-        "recovered after a crash charges those.",
-    )
-    created_at = models.DateTimeField(auto_now_add=True)
-
-    class Meta:
-        ordering = ["id"]
-
-    def __str__(self) -> str:
-        return f"{self.kind} {self.model_name} ({self.status})"
-
-
-class ToolExecution(models.Model):
-    """One tool call the brain asked for; its UUID is the id clients see, and the Idempotency-Key of every
-    send. The status only moves forward, each move a conditional update (pending → approved/denied →
-    running → succeeded/failed, or unknown when the run's process died while it was sent), so no path can
-    run a call twice; only an idempotent tool's unknown call is sent again (unknown → running).
-    `arguments` is exactly what was shown for approval; `arguments_hash` is checked again before sending."""
-
-    class Status(models.TextChoices):
-        PENDING = "pending"
-        APPROVED = "approved"
-        DENIED = "denied"
-        RUNNING = "running"
-        SUCCEEDED = "succeeded"
-        FAILED = "failed"
-        UNKNOWN = "unknown"
-
-    class DecidedVia(models.TextChoices):
-        AUTO = "auto", "No approval needed"
-        API = "api", "API client"
-        UI = "ui", "Approver page"
-
-    id = models.UUIDField(primary_key=True, default=uuid.uuid4)
-    execution = models.ForeignKey(Execution, on_delete=models.CASCADE, related_name="tool_executions")
-    approval = models.ForeignKey(
-        "approvals.Approval", null=True, blank=True, on_delete=models.CASCADE, related_name="tool_executions"
-    )
-    tool = models.ForeignKey(Tool, null=True, on_delete=models.SET_NULL, related_name="executions")
-    tool_name = models.CharField(max_length=64)
-    call_id = models.CharField(max_length=100, help_text="The upstream's id for this call.")
-    position = models.PositiveSmallIntegerField(default=0, help_text="Order within its round.")
-    arguments = EncryptedTextField(help_text="The arguments JSON exactly as the model produced it (encrypted at rest).")
-    arguments_hash = models.CharField(max_length=64)
-    requires_approval = models.BooleanField(default=False)
-    risk = models.CharField(max_length=10, choices=Tool.Risk.choices)
-    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
-    decided_via = models.CharField(max_length=4, choices=DecidedVia.choices, blank=True)
-    decided_by = models.CharField(max_length=150, blank=True, help_text="User name or 'token:<name>'.")
-    decided_by_user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
-    )
-    decision_reason = models.CharField(max_length=500, blank=True)
-    decided_at = models.DateTimeField(null=True, blank=True)
-    response_status = models.PositiveSmallIntegerField(null=True, blank=True)
-    response_body = models.TextField(blank=True)
-    error = models.CharField(max_length=500, blank=True)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
-    created_at = models.DateTimeField(auto_now_add=True)
-
-    class Meta:
-        ordering = ["created_at", "position"]
-
-    def __str__(self) -> str:
-        return f"{self.tool_name} ({self.status})"
-
-    @property
-    def decision(self) -> str | None:
-        """approved / denied once decided (also after it ran), else None."""
-        if self.status == self.Status.PENDING:
-            return None
-        return "denied" if self.status == self.Status.DENIED else "approved"
