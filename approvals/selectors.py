@@ -3,7 +3,6 @@ approval with its costs, the history of decisions)."""
 
 import datetime
 import json
-import math
 import uuid
 from dataclasses import dataclass
 from decimal import Decimal
@@ -12,12 +11,13 @@ from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db.models import Exists, OuterRef, Prefetch, QuerySet
 from django.utils import timezone
 
+from approvals.bodies import tool_execution_body
+from billing.pricing import tools_price
 from billing.selectors import credit_account_get
-from chat.engine.tools import arguments_redact, arguments_secrets, text_redact
-from chat.errors import NotFound
-from chat.selectors import runs_in_token_scope, team_list_for_user
-from chat.wire import tool_execution_body
+from core.errors import NotFound
 from core.models import ApiToken, Approval, Group, Team, Tool, ToolExecution
+from core.redaction import arguments_secrets, text_redact
+from core.selectors import runs_in_token_scope, team_list_for_user
 
 
 def approval_for_token_get(*, token: ApiToken, approval_id: uuid.UUID) -> Approval:
@@ -183,7 +183,7 @@ class ApprovalDetail:
 
 
 def _call_view(te: ToolExecution) -> CallView:
-    body = tool_execution_body(te, redact=arguments_redact)
+    body = tool_execution_body(te)
     return CallView(
         tool_execution=te,
         body=body,
@@ -231,8 +231,7 @@ def approval_detail_get(*, team_ids: list[int], approval_id: uuid.UUID) -> Appro
         automatic=[v for v in views if not v.tool_execution.requires_approval],
         last_user_message=text_redact(last_user_message((approval.state or {}).get("messages", [])), secrets),
         run_credits=approval.execution.credits_charged,
-        # Rounded up once for the round, as the resume charges it (chat.engine.runner.tools_price).
-        tools_credits=math.ceil(sum((v.price for v in running), Decimal(0))),
+        tools_credits=tools_price([v.tool_execution.tool for v in running]),  # as the resume holds it
         balance=account.balance,
         held=account.held,
         available=account.available,

@@ -16,6 +16,7 @@ from django_eventstream.views import events as eventstream_events
 
 from approvals.events import page_channels, readable_channels
 from approvals.forms import ApprovalDecisionForm
+from approvals.recovery import execution_recover_if_lapsed
 from approvals.selectors import (
     DECIDE_PERMISSION,
     ApprovalDetail,
@@ -26,8 +27,7 @@ from approvals.selectors import (
     tool_execution_decided_list,
 )
 from approvals.services import approval_decide, approval_decide_all
-from chat.errors import ApiError, NotFound
-from chat.services.recovery import execution_recover_if_lapsed
+from core.errors import KiteMeshError, NotFound
 
 HISTORY_PAGE_SIZE = 50
 # django-eventstream accepts at most 10 channels per stream: a member of many teams gets several streams.
@@ -116,7 +116,7 @@ def approval_decide_view(request: HttpRequest, approval_id: uuid.UUID) -> HttpRe
                 actor=request.user,
             )
             messages.success(request, f"{verb} {tool_execution.tool_name}.")
-    except ApiError as exc:
+    except KiteMeshError as exc:
         messages.error(request, exc.message)
     return redirect("approvals:detail", approval_id=approval_id)
 

@@ -21,10 +21,10 @@ from django.db import transaction
 from django.utils import timezone
 from django_tasks import task
 
-from chat.engine.ssrf import DestinationBlocked, IPAddress, destination_check, literal_address
-from chat.services.vault import vault_decrypt
-from chat.wire import iso
 from core.models import Approval, Group, ToolExecution, VaultSecret, WebhookDelivery
+from core.ssrf import DestinationBlocked, IPAddress, destination_check, literal_address
+from core.timestamps import iso
+from core.vault import secret_value
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def _signing_secret(group: Group) -> VaultSecret | None:
     if secret is None or secret.team_id != group.team_id:
         return None
     try:
-        vault_decrypt(secret)
+        secret_value(secret)
     except ImproperlyConfigured:
         return None
     return secret
@@ -130,7 +130,7 @@ def webhook_attempt(*, delivery_id: str) -> str:
     if delivery.secret is None:
         outcome = _Outcome(ok=False, retry=False, detail="its signing secret was deleted")
     else:
-        headers[SIGNATURE_HEADER] = webhook_signature(vault_decrypt(delivery.secret), body)
+        headers[SIGNATURE_HEADER] = webhook_signature(secret_value(delivery.secret), body)
         outcome = asyncio.run(_attempt(delivery.url, body, headers))
     return _outcome_record(delivery, outcome)
 

@@ -16,13 +16,20 @@ from django.urls import path
 from rest_framework.request import Request
 
 import kitemesh_site.asgi as site
-from chat.api import ChatCompletionCreateApi, _body, _group_for_run, _json_response
+from chat.api import ChatCompletionCreateApi, _body, _json_response
 from chat.engine.providers import provider_for
-from chat.selectors import model_endpoint_get
+from chat.selectors import GroupForRun, group_for_run_cached, group_for_run_get, model_endpoint_get
 from chat.wire import chat_request_parse
+from core.db import in_db_thread
 from kitemesh_site.urls import urlpatterns as site_urlpatterns
 
 RAW_BODY = b'{"object": "floor"}'
+
+
+async def _group_for_run(token, group_id) -> GroupForRun:
+    """As a completion's start reads its group: from the worker's cache, else in a database thread."""
+    found = group_for_run_cached(token=token, group_id=group_id)
+    return (found or await in_db_thread(group_for_run_get, token=token, group_id=group_id))[1]
 
 
 class ViewFloorApi(ChatCompletionCreateApi):

@@ -45,22 +45,29 @@ LAYERS = [
 ]
 
 
-def statements_loop(count: int) -> dict:
+def statements_loop(count: int, ledger: str) -> dict:
     """The run's start and settlement, `count` times, as a completion calls them (hold, execution, one
-    model step, charge): thread CPU and wall time per pair. Run in KiteMesh's environment."""
+    model step, charge), through the `ledger` backend ("auto": the database's; "transaction": statements in a
+    transaction, to compare): thread CPU and wall time per pair. Run in KiteMesh's environment."""
     import django
 
     django.setup()
     from django.conf import settings
 
-    from chat.engine.providers import Usage
-    from chat.engine.runner import call_worst_case, model_cost
+    from billing.ledger import TransactionLedger
+    from chat.services import executions
+
+    if ledger == "transaction":
+        executions.ledger = TransactionLedger  # the backend the executions' service asks for, swapped
+
+    from billing.pricing import call_worst_case, model_cost
     from chat.selectors import group_for_run_get
     from chat.services.executions import execution_finish, execution_start
+    from core.config_version import config_guard
     from core.models import ApiToken, Execution, Step
 
     token = ApiToken.objects.filter(revoked_at__isnull=True).latest("id")
-    parts = group_for_run_get(token=token, group_id=uuid.UUID(GROUPS["chat_group"]))
+    version, parts = group_for_run_get(token=token, group_id=uuid.UUID(GROUPS["chat_group"]))
     brain, messages = parts.group.brain, [{"role": "user", "content": PROMPT}]
     hold_amount = call_worst_case(brain, messages, [], settings.KITEMESH_DEFAULT_MAX_OUTPUT_TOKENS)
 
@@ -75,17 +82,17 @@ def statements_loop(count: int) -> dict:
             stream=False,
             metadata={},
             hold_amount=hold_amount,
+            guard=config_guard(version),
         )
-        usage = Usage(prompt_tokens=20, completion_tokens=40)
         step = Step(
             execution=start.execution,
             kind=Step.Kind.MODEL_CALL,
             custom_model=brain,
             model_name=brain.model,
             status=Step.Status.SUCCEEDED,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            cost=model_cost(brain, usage),
+            prompt_tokens=20,
+            completion_tokens=40,
+            cost=model_cost(brain, 20, 40),
             latency_ms=1,
         )
         execution_finish(execution=start.execution, hold=start.hold, steps=[step], status=Execution.Status.SUCCEEDED)
@@ -126,24 +133,32 @@ def measure(args: argparse.Namespace) -> list[tuple[str, float, float | None]]:
         for _ in range(args.rounds):
             for endpoint, rounds in zip(endpoints, p50s, strict=True):
                 rounds.append(p50_at_c1(endpoint, args.seconds, run.pin))
-        statements = subprocess.run(
-            [*run.pin.gateway, PYTHON, __file__, "statements", "--count", str(args.count)],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        if statements.returncode != 0:
-            raise RuntimeError(f"the statements loop failed:\n{statements.stderr[-3000:]}")
+        loops = {ledger: statements_measure(run, env, args.count, ledger) for ledger in ("auto", "transaction")}
     finally:
         for service in reversed(run.services):
             service.stop()
-    loop = json.loads(statements.stdout.splitlines()[-1])
     rows = [(label, statistics.median(p50), None) for (label, _), p50 in zip(LAYERS, p50s, strict=True)]
-    rows.append(("the start and settlement alone, in a loop (wall; thread CPU)", loop["wall_ms"], loop["cpu_ms"]))
+    for ledger, label in [("auto", "the database's ledger"), ("transaction", "TransactionLedger")]:
+        loop = loops[ledger]
+        rows.append((f"the start and settlement alone, {label}, in a loop (wall; thread CPU)", *loop.values()))
     return rows
+
+
+def statements_measure(run: Run, env: dict, count: int, ledger: str) -> dict:
+    """statements_loop in a process of its own, on the gateway's CPU: {"wall_ms", "cpu_ms"}."""
+    statements = subprocess.run(
+        [*run.pin.gateway, PYTHON, __file__, "statements", "--count", str(count), "--ledger", ledger],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if statements.returncode != 0:
+        raise RuntimeError(f"the statements loop failed:\n{statements.stderr[-3000:]}")
+    loop = json.loads(statements.stdout.splitlines()[-1])
+    return {"wall_ms": loop["wall_ms"], "cpu_ms": loop["cpu_ms"]}
 
 
 def table(rows: list[tuple[str, float, float | None]], args: argparse.Namespace) -> str:
@@ -172,13 +187,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=3)
     parser.add_argument("--count", type=int, default=3000, help="start and settlement pairs in the loop")
+    parser.add_argument("--ledger", default="auto", choices=["auto", "transaction"], help="(statements mode)")
     return parser.parse_args()
 
 
 def main() -> int:
     args = parse_args()
     if args.mode == "statements":
-        print(json.dumps(statements_loop(args.count)))
+        print(json.dumps(statements_loop(args.count, args.ledger)))
         return 0
     if args.db == "postgres" and not postgres_available():
         raise SystemExit("PostgreSQL is not reachable: run with --db sqlite")

@@ -5,7 +5,7 @@ from billing.models import CreditAccount, Hold, LedgerEntry
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
-    """Credits change only through billing.services.ledger, never by editing rows."""
+    """Credits change only through billing.ledger, never by editing rows."""
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

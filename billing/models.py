@@ -10,7 +10,7 @@ from core.models import Execution, Team
 
 class CreditAccount(models.Model):
     """`balance` is what the team owns; `held` is reserved by running requests; available = balance - held.
-    Changed only by billing.services.ledger, under a row lock, next to a LedgerEntry."""
+    Changed only by billing.ledger, under a row lock, next to a LedgerEntry."""
 
     team = models.OneToOneField(Team, on_delete=models.CASCADE, primary_key=True, related_name="credit_account")
     balance = models.BigIntegerField(default=0)

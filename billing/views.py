@@ -19,11 +19,10 @@ from billing import selectors
 from billing.charts import bar_chart
 from billing.exports import LEDGER_HEADER, USAGE_HEADER, csv_response, ledger_csv_rows, usage_csv_rows
 from billing.forms import CreditGrantForm, LedgerFilterForm, Period, PeriodForm
-from billing.services.ledger import credits_grant
-from chat.errors import ApiError
-from chat.selectors import team_list_for_user
-from chat.services.recovery import execution_recover_if_lapsed
+from billing.ledger import credits_grant
+from core.errors import KiteMeshError
 from core.models import Team
+from core.selectors import team_list_for_user
 
 LEDGER_PAGE_SIZE = 50
 
@@ -120,8 +119,6 @@ def execution_detail_view(request: HttpRequest, execution_id: uuid.UUID) -> Http
     execution = selectors.execution_for_finance_get(teams=_teams(request), execution_id=execution_id)
     if execution is None:
         raise Http404("No such execution.")
-    if execution_recover_if_lapsed(execution=execution):  # its process died: show what recovery made of it
-        execution = selectors.execution_for_finance_get(teams=_teams(request), execution_id=execution_id)
     return render(
         request,
         "billing/execution.html",
@@ -146,7 +143,7 @@ def credit_grant_view(request: HttpRequest) -> HttpResponse:
                     actor=request.user,
                     kind=data["kind"],
                 )
-            except ApiError as error:  # the ledger's own refusals: below zero, a missing reason
+            except KiteMeshError as error:  # the ledger's own refusals: below zero, a missing reason
                 form.add_error("amount" if error.param != "reason" else "reason", error.message)
             else:
                 messages.success(

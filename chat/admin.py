@@ -6,7 +6,6 @@ from django.shortcuts import render
 from django.urls import reverse
 
 from chat.services.tokens import token_secret_new
-from chat.services.vault import vault_encrypt
 from core.models import (
     ApiToken,
     CustomModel,
@@ -19,6 +18,7 @@ from core.models import (
     Tool,
     VaultSecret,
 )
+from core.vault import encrypt
 
 # URLs without a scheme are taken as https (Django 6's default; saying it now silences its warning).
 URL_FIELDS = {models.URLField: {"assume_scheme": "https"}}
@@ -59,7 +59,7 @@ class VaultSecretAdmin(admin.ModelAdmin):
         if form.cleaned_data.get("value"):
             from django.utils import timezone
 
-            obj.ciphertext = vault_encrypt(form.cleaned_data["value"])
+            obj.ciphertext = encrypt(form.cleaned_data["value"])
             if change:
                 obj.rotated_at = timezone.now()
         super().save_model(request, obj, form, change)

@@ -13,22 +13,16 @@ from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from approvals.bodies import approval_body
+from approvals.recovery import approval_recovered_get, execution_recover_if_lapsed
 from approvals.selectors import approval_with_calls_get
-from approvals.services import approval_expire, approval_resume_claim
+from approvals.services import approval_expire
 from billing.selectors import credit_account_get
 from chat.authentication import bearer_secret
-from chat.engine.runner import (
-    Replay,
-    Run,
-    replay_stream,
-    resume_hold,
-    run_complete,
-    run_resume,
-    run_start,
-    run_stream,
-)
-from chat.engine.tools import arguments_redact
-from chat.errors import AuthenticationError, InvalidRequest, NotFound
+from chat.engine.render import replay_stream, run_complete, run_stream
+from chat.engine.run import Run
+from chat.engine.start import Replay, run_resume, run_start
+from chat.metrics import stream_first_byte_observe, stream_open
 from chat.openapi import (
     approval_detail_schema,
     chat_completion_schema,
@@ -37,31 +31,22 @@ from chat.openapi import (
     execution_detail_schema,
     model_list_schema,
 )
-from chat.selectors import (
-    GroupForRun,
-    execution_for_token_get,
-    group_for_run_cached,
-    group_for_run_get,
-    group_list_for_token,
-)
+from chat.selectors import execution_for_token_get, group_list_for_token
 from chat.services.rate_limits import request_admit, stream_admit, stream_release
-from chat.services.recovery import approval_recovered_get, execution_recover_if_lapsed
-from chat.services.tokens import INVALID_TOKEN_MESSAGE, token_authenticate, token_recent
+from chat.services.tokens import token_authenticate, token_error_first, token_recent
 from chat.wire import (
     ChatRequest,
-    ResumeRequest,
-    approval_body,
     body_parse,
     chat_request_parse,
     client_request_id,
-    error_response,
     execution_body,
     resume_request_parse,
 )
+from core.db import connections_upkeep, in_db_thread
+from core.envelope import error_response
+from core.errors import InvalidRequest, NotFound
+from core.middleware import request_id_bind
 from core.models import ApiToken
-from kitemesh_site.db import connections_upkeep, in_db_thread
-from kitemesh_site.metrics import stream_first_byte_observe, stream_open
-from kitemesh_site.middleware import request_id_bind
 
 
 async def _sse_response(stream: AsyncIterator[bytes], slots: list[str]) -> StreamingHttpResponse:
@@ -112,12 +97,6 @@ async def _answer(run: Run | Replay, chat_request: ChatRequest, slots: list[str]
     return _json_response(await run_complete(run))
 
 
-async def _group_for_run(token: ApiToken, group_id: uuid.UUID) -> GroupForRun:
-    """From the per-process cache without leaving the event loop, else from the database."""
-    parts = group_for_run_cached(token=token, group_id=group_id)
-    return parts or await in_db_thread(group_for_run_get, token=token, group_id=group_id)
-
-
 class _Admitted:
     """Rate limits for one request: counts it, takes stream slots, and gives them back if the request
     ends before its stream starts (the stream releases them itself once it runs)."""
@@ -150,7 +129,7 @@ class ApiView(APIView):
 
     async def async_dispatch(self, request: HttpRequest, *args, **kwargs) -> HttpResponseBase:
         """adrf's, with DRF's `initial` (authentication: the token's read) run as the rest of the request's
-        database work is (kitemesh_site.db.in_db_thread): on PostgreSQL several requests' token reads
+        database work is (core.db.in_db_thread): on PostgreSQL several requests' token reads
         overlap, and the hop costs half of asgiref's."""
         self.args, self.kwargs = args, kwargs
         request = self.request = self.initialize_request(request, *args, **kwargs)
@@ -194,46 +173,41 @@ class ApiView(APIView):
 
 
 class ChatCompletionCreateApi(ApiView):
-    """The hot path. A token this process read within KITEMESH_CONFIG_CACHE_SECONDS is taken without
-    reading it again (chat.services.tokens.token_recent), since the statement that starts the run checks
-    it is still live (execution_start); an error before the run starts is answered only once the token
-    has been read, so a revoked token gets its 401 whatever else is wrong with the request."""
+    """The hot path. A token this worker keeps at the current configuration is taken without a query
+    (chat.services.tokens.token_recent): the write that starts the run checks that configuration is still
+    current (chat.engine.start). An error before the run starts is answered only once the token is
+    confirmed, so a revoked token gets its 401 whatever else is wrong with the request."""
 
     async def async_initial(self, request: Request, *args, **kwargs) -> None:
-        token = token_recent(bearer_secret(request))
-        if token is None:
-            return await super().async_initial(request, *args, **kwargs)
-        request.user = request.auth = token
-        request.token_unconfirmed = True
+        raw = bearer_secret(request)
+        found = token_recent(raw)
+        request.token_unconfirmed = found is not None
+        if found is None and raw:
+            found = await in_db_thread(token_authenticate, raw=raw)
+        if found is None:
+            return await super().async_initial(request, *args, **kwargs)  # DRF's 401
+        request.config_version, request.user = found
+        request.auth = request.user
         self.initial(request, *args, **kwargs)  # no database: the user is known
 
     async def exception_answered(self, request: Request, exc: Exception) -> Exception:
-        if not getattr(request, "token_unconfirmed", False) or isinstance(exc, AuthenticationError):
+        if not getattr(request, "token_unconfirmed", False):
             return exc
-        live = await in_db_thread(token_authenticate, raw=bearer_secret(request))
-        return exc if live is not None else AuthenticationError(INVALID_TOKEN_MESSAGE)
+        return await in_db_thread(token_error_first, raw=bearer_secret(request), error=exc)
 
     @chat_completion_schema
     async def post(self, request: Request) -> HttpResponseBase:
         chat_request = chat_request_parse(_body(request))
         token = request.auth
         async with _Admitted(token, chat_request.stream) as slots:
-            return await self._answer(request, token, chat_request, slots)
-
-    @staticmethod
-    async def _answer(request: Request, token: ApiToken, chat_request: ChatRequest, slots: list[str]):
-        parts = await _group_for_run(token, chat_request.group_id)
-        run = await run_start(
-            token=token,
-            group=parts.group,
-            agents=parts.agents,
-            tools=parts.tools,
-            fallbacks=parts.fallbacks,
-            request=chat_request,
-            request_id=request._request.kitemesh_request_id,
-        )
-        request.token_unconfirmed = False  # the run's start found it live
-        return await _answer(run, chat_request, slots)
+            run = await run_start(
+                token=token,
+                token_version=request.config_version,
+                request=chat_request,
+                request_id=request._request.kitemesh_request_id,
+            )
+            request.token_unconfirmed = False  # the run's start found the configuration current
+            return await _answer(run, chat_request, slots)
 
 
 class ChatResumeApi(ApiView):
@@ -242,35 +216,13 @@ class ChatResumeApi(ApiView):
         resume = resume_request_parse(_body(request))
         token = request.auth
         async with _Admitted(token, resume.chat.stream) as slots:
-            return await self._answer(request, token, resume, slots)
-
-    @staticmethod
-    async def _answer(request: Request, token: ApiToken, resume: ResumeRequest, slots: list[str]):
-        approval = await in_db_thread(approval_recovered_get, token=token, approval_id=resume.approval_id)
-        if approval.group_id != resume.chat.group_id:
-            raise InvalidRequest(f"This approval belongs to 'group:{approval.group_id}'.", param="model")
-        parts = await _group_for_run(token, approval.group_id)
-        claim = await in_db_thread(
-            approval_resume_claim,
-            token=token,
-            approval=approval,
-            tools_in_scope={tool.pk for tool in parts.tools},
-            approved=resume.approved,
-            denied=resume.denied,
-            hold_amount_for=resume_hold(
-                group=parts.group, agents=parts.agents, tools=parts.tools, approval=approval, request=resume.chat
-            ),
-        )
-        claim.approval.group = parts.group
-        run = run_resume(
-            claim=claim,
-            agents=parts.agents,
-            tools=parts.tools,
-            fallbacks=parts.fallbacks,
-            request=resume.chat,
-            request_id=request._request.kitemesh_request_id,
-        )
-        return await _answer(run, resume.chat, slots)
+            approval = await in_db_thread(approval_recovered_get, token=token, approval_id=resume.approval_id)
+            if approval.group_id != resume.chat.group_id:
+                raise InvalidRequest(f"This approval belongs to 'group:{approval.group_id}'.", param="model")
+            run = await run_resume(
+                token=token, approval=approval, resume=resume, request_id=request._request.kitemesh_request_id
+            )
+            return await _answer(run, resume.chat, slots)
 
 
 def _uuid(value: str, what: str, code: str) -> uuid.UUID:
@@ -288,7 +240,7 @@ class ApprovalDetailApi(ApiView):
         )
         approval_expire(approval=approval)  # expiry is also applied lazily, whenever an approval is touched
         approval = approval_with_calls_get(approval_id=approval.id)
-        return Response(approval_body(approval, redact=arguments_redact))
+        return Response(approval_body(approval))
 
 
 class ExecutionDetailApi(ApiView):

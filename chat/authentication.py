@@ -19,10 +19,10 @@ class ApiTokenAuthentication(BaseAuthentication):
         raw = bearer_secret(request)
         if not raw:
             return None  # DRF answers NotAuthenticated: "Missing Bearer API token"
-        token = token_authenticate(raw)
-        if token is None:
+        found = token_authenticate(raw)
+        if found is None:
             raise AuthenticationFailed(INVALID_TOKEN_MESSAGE)
-        return token, token
+        return found[1], found[1]
 
     def authenticate_header(self, request: Request) -> str:
         return 'Bearer realm="kitemesh"'

@@ -1,20 +1,17 @@
 """Read queries for the API: groups a token may use, and what a model call needs."""
 
 import functools
-import time
 import uuid
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
-from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import Q, QuerySet
-
 from chat.engine.providers import ModelEndpoint
-from chat.errors import NotFound, PermissionDenied
-from chat.services.vault import vault_decrypt
+from chat.services.config_cache import cached, keep, version_check
+from core.errors import NotFound, PermissionDenied
 from core.models import ApiToken, CustomModel, Execution, Group, GroupAgent, GroupFallback, Team, Tool, VaultSecret
-from kitemesh_site.sql import M, db_value, sql_instances
+from core.selectors import runs_in_token_scope
+from core.sql import M, db_value, sql_instances
+from core.vault import secret_value
 
 _TokenGroups = ApiToken.groups.through
 _TokenExcludedGroups = ApiToken.excluded_groups.through
@@ -31,7 +28,7 @@ def _in_scope(obj: Group | Tool) -> bool:
 # (README, Benchmarks).
 
 
-def group_for_token_get(*, token: ApiToken, group_id: uuid.UUID) -> Group:
+def group_for_token_get(*, token: ApiToken, group_id: uuid.UUID, version: int) -> Group:
     """The group a request names, with its team and brain; 404 when the team has no such group, 403 when
     the token's scope leaves it out."""
     found = _groups_with_scope(token, group_id=group_id)
@@ -40,7 +37,7 @@ def group_for_token_get(*, token: ApiToken, group_id: uuid.UUID) -> Group:
     group = found[0]
     if not _in_scope(group):
         raise PermissionDenied(f"This API token may not use 'group:{group_id}'.", param="model")
-    group.team = team_get(team_id=group.team_id)
+    group.team = team_get(team_id=group.team_id, version=version)
     group.brain = _models_with_secrets([group.brain_id])[group.brain_id]
     return group
 
@@ -118,61 +115,39 @@ class GroupForRun:
     fallbacks: list[CustomModel]
 
 
-# The per-process config cache: what a token may run of a group, (expires at, parts) by (token id, group
-# id), and teams (their rate limits apply to every request), (expires at, team) by id. Reading a group
-# costs several round trips, for configuration that rarely changes. Changes made in this
-# process clear the cache at once (chat.apps connects config_cache_clear); other processes see them within
-# KITEMESH_CONFIG_CACHE_SECONDS. Tokens are checked on every request, so revocation is immediate
-# (chat.services.tokens).
-_run_config: dict[tuple[int, uuid.UUID], tuple[float, GroupForRun]] = {}
-_RUN_CONFIG_MAX_ENTRIES = 10_000
-_teams: dict[int, tuple[float, Team]] = {}
-
-
-def config_cache_clear(**_signal_kwargs) -> None:
-    _run_config.clear()
-    _teams.clear()
-
-
-def team_cached(*, team_id: int) -> Team | None:
-    """The team when the config cache holds it fresh (no database: callable from async code)."""
-    cached = _teams.get(team_id)
-    return cached[1] if cached is not None and cached[0] > time.monotonic() else None
-
-
-def team_get(*, team_id: int) -> Team:
-    """The team, through the per-process config cache (its name and rate limits are configuration)."""
-    if (team := team_cached(team_id=team_id)) is not None:
-        return team
+def team_get(*, team_id: int, version: int) -> Team:
+    """The team, kept with the configuration read at `version` (its name and rate limits are configuration)."""
+    entry = cached(("team", team_id))
+    if entry is not None:
+        return entry[1]
     found = _by_ids(Team, [team_id])
     if not found:
         raise Team.DoesNotExist(f"No team {team_id}.")
-    team = found[0]
-    _teams[team_id] = (time.monotonic() + settings.KITEMESH_CONFIG_CACHE_SECONDS, team)
-    return team
+    keep(("team", team_id), found[0], version=version)
+    return found[0]
 
 
-def group_for_run_cached(*, token: ApiToken, group_id: uuid.UUID) -> GroupForRun | None:
-    """The cached parts when they are fresh (no database: callable from async code). The parts are
-    shared by the requests running them: read them, never change them."""
-    cached = _run_config.get((token.pk, group_id))
-    return cached[1] if cached is not None and cached[0] > time.monotonic() else None
+def group_for_run_cached(*, token: ApiToken, group_id: uuid.UUID) -> tuple[int, GroupForRun] | None:
+    """(The configuration version they were read at, the parts) when this worker keeps them (no query:
+    callable on the event loop). The parts are shared by the requests running them: read, never change."""
+    return cached(("group", token.pk, group_id))
 
 
-def group_for_run_get(*, token: ApiToken, group_id: uuid.UUID) -> GroupForRun:
-    """group_for_run_load, through the per-process cache."""
-    if (parts := group_for_run_cached(token=token, group_id=group_id)) is not None:
-        return parts
-    parts = group_for_run_load(token=token, group_id=group_id)
-    if len(_run_config) >= _RUN_CONFIG_MAX_ENTRIES:
-        _run_config.clear()
-    _run_config[(token.pk, group_id)] = (time.monotonic() + settings.KITEMESH_CONFIG_CACHE_SECONDS, parts)
-    return parts
+def group_for_run_get(*, token: ApiToken, group_id: uuid.UUID) -> tuple[int, GroupForRun]:
+    """group_for_run_load through what this worker keeps, after checking the configuration's version;
+    (that version, the parts). In a database thread."""
+    version = version_check()
+    entry = cached(("group", token.pk, group_id))
+    if entry is not None:
+        return entry
+    parts = group_for_run_load(token=token, group_id=group_id, version=version)
+    keep(("group", token.pk, group_id), parts, version=version)
+    return version, parts
 
 
-def group_for_run_load(*, token: ApiToken, group_id: uuid.UUID) -> GroupForRun:
+def group_for_run_load(*, token: ApiToken, group_id: uuid.UUID, version: int) -> GroupForRun:
     """group_for_token_get, plus agents, tools and brain fallbacks (no query for what a group has none of)."""
-    group = group_for_token_get(token=token, group_id=group_id)
+    group = group_for_token_get(token=token, group_id=group_id, version=version)
     group_key = [db_value(Group, "id", group.pk)]
     agents = sql_instances(GroupAgent, _by_group_statement(GroupAgent), group_key) if group.has_agents else []
     links = sql_instances(GroupFallback, _by_group_statement(GroupFallback), group_key) if group.has_fallbacks else []
@@ -194,7 +169,7 @@ def model_endpoint_get(model: CustomModel) -> ModelEndpoint:
         provider=model.provider,
         base_url=model.base_url,
         model=model.model,
-        api_key=vault_decrypt(model.api_key_secret) if model.api_key_secret else None,
+        api_key=secret_value(model.api_key_secret) if model.api_key_secret else None,
         timeout_seconds=model.timeout_seconds,
     )
 
@@ -210,15 +185,6 @@ def tools_for_token_list(*, token: ApiToken, group: Group) -> list[Tool]:
     return tools
 
 
-def runs_in_token_scope(*, token: ApiToken) -> Q:
-    """A filter on a run's `team` and `group` (executions, approvals): those of the token's team whose group
-    its scope covers (its selection, or every group, minus its exclusions); a token scoped to groups does
-    not see runs whose group is gone."""
-    selected = list(token.groups.values_list("pk", flat=True))
-    scope = Q(team_id=token.team_id) & ~Q(group_id__in=token.excluded_groups.values_list("pk", flat=True))
-    return scope & Q(group_id__in=selected) if selected else scope
-
-
 def execution_for_token_get(*, token: ApiToken, execution_id: uuid.UUID) -> Execution:
     """The execution with its steps and approvals; 404 unless it is a run the token's scope covers."""
     execution = (
@@ -230,10 +196,3 @@ def execution_for_token_get(*, token: ApiToken, execution_id: uuid.UUID) -> Exec
     if execution is None:
         raise NotFound(f"No execution {execution_id}.", code="execution_not_found")
     return execution
-
-
-def team_list_for_user(*, user: AbstractBaseUser, every_team: bool) -> QuerySet[Team]:
-    """The teams a person works for on the pages; `every_team` (superusers, or staff where a page
-    allows it) sees them all."""
-    teams = Team.objects.order_by("name")
-    return teams if every_team else teams.filter(members=user)

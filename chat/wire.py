@@ -1,25 +1,22 @@
 """OpenAI wire shapes: the chat request parsed and validated, the response and chunk builders, and
 the one error envelope every API error is rendered in."""
 
-import datetime
 import hashlib
 import json
 import logging
 import math
-import random
 import re
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
-from django.http import HttpRequest, JsonResponse
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
 
-from chat.errors import ApiError, AuthenticationError, InternalError, InvalidRequest, NotFound
+from core.envelope import error_body, error_headers, http_status, request_id_of
+from core.errors import AuthenticationError, InternalError, InvalidRequest, KiteMeshError, MethodNotAllowed, NotFound
 from core.models import Mode
+from core.timestamps import iso
 
 logger = logging.getLogger(__name__)
 
@@ -30,15 +27,6 @@ REQUEST_ID = re.compile(r"[\x20-\x7e]{1,128}")  # goes into a response header: p
 # No model writes a million tokens in one answer; a larger cap only inflates the worst case a run holds.
 MAX_OUTPUT_TOKENS = 1_000_000
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
-
-
-def random_hex(length: int = 24) -> str:
-    """A random id for a request or a completion: unique, not secret, so no system call as `secrets` makes."""
-    return f"{random.getrandbits(length * 4):0{length}x}"
-
-
-def request_id_new() -> str:
-    return "req_" + random_hex()
 
 
 @dataclass
@@ -430,37 +418,15 @@ SSE_DONE = sse_event("[DONE]")
 # --- Errors ---------------------------------------------------------------------------------------
 
 
-def error_body(error: ApiError, request_id: str) -> dict:
-    body: dict[str, Any] = {"message": error.message, "type": error.type, "code": error.code}
-    if error.param is not None:
-        body["param"] = error.param
-    body["request_id"] = request_id
-    return {"error": body}
-
-
-def request_id_of(request: HttpRequest) -> str:
-    request_id = getattr(request, "kitemesh_request_id", None)
-    if request_id is None:
-        request_id = request.kitemesh_request_id = request_id_new()
-    return request_id
-
-
-def error_response(error: ApiError, request: HttpRequest) -> JsonResponse:
-    """The envelope outside DRF (middleware, URL-level 404s)."""
-    return JsonResponse(error_body(error, request_id_of(request)), status=error.status)
-
-
-def _from_drf(exc: Exception) -> ApiError | None:
-    if isinstance(exc, ApiError):
+def _from_drf(exc: Exception) -> KiteMeshError | None:
+    if isinstance(exc, KiteMeshError):
         return exc
     if isinstance(exc, drf_exceptions.NotAuthenticated):
         return AuthenticationError(MISSING_TOKEN_MESSAGE)
     if isinstance(exc, drf_exceptions.AuthenticationFailed):
         return AuthenticationError(str(exc.detail))
     if isinstance(exc, drf_exceptions.MethodNotAllowed):
-        error = InvalidRequest(str(exc.detail), code="method_not_allowed")
-        error.status = 405
-        return error
+        return MethodNotAllowed(str(exc.detail), code="method_not_allowed")
     if isinstance(exc, drf_exceptions.NotFound):
         return NotFound(str(exc.detail))
     return None
@@ -473,60 +439,12 @@ def api_exception_handler(exc: Exception, context: dict) -> Response:
     if error is None:
         logger.exception("Unhandled error in %s", request.path, extra={"request_id": request_id_of(request)})
         error = InternalError()
-    headers = {}
-    if error.status == 401:
-        headers["WWW-Authenticate"] = 'Bearer realm="kitemesh"'
-    if getattr(error, "retry_after", None):
-        headers["Retry-After"] = str(error.retry_after)
-    return Response(error_body(error, request_id_of(request)), status=error.status, headers=headers or None)
+    return Response(
+        error_body(error, request_id_of(request)), status=http_status(error)[0], headers=error_headers(error) or None
+    )
 
 
 # --- KiteMesh resources ---------------------------------------------------------------------------
-
-
-def iso(moment: Any) -> str | None:
-    """ISO 8601 in UTC with a Z, as the SPEC's expires_at."""
-    return moment.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z") if moment else None
-
-
-def tool_execution_body(te: Any, *, redact: Callable[[Any, dict], dict]) -> dict:
-    """A tool call as approvers and clients see it: where it goes, with secrets redacted."""
-    url = urlsplit(te.tool.url) if te.tool else None
-    try:
-        arguments = json.loads(te.arguments)
-    except ValueError:
-        arguments = {"_unparsed": "[not valid JSON]"}
-    if te.tool and isinstance(arguments, dict):
-        arguments = redact(te.tool, arguments)
-    return {
-        "id": str(te.id),
-        "tool": te.tool_name,
-        "method": te.tool.method if te.tool else None,
-        "host": url.hostname if url else None,
-        "path": url.path if url else None,
-        "arguments": arguments,
-        "risk": te.risk,
-        "requires_approval": te.requires_approval,
-        "status": te.status,
-        "decision": te.decision,
-        "reason": te.decision_reason,
-        "decided_by": te.decided_by or None,
-        "decided_via": te.decided_via or None,
-        "decided_at": iso(te.decided_at),
-    }
-
-
-def approval_body(approval: Any, *, redact: Callable[[Any, dict], dict]) -> dict:
-    return {
-        "object": "approval",
-        "id": str(approval.id),
-        "status": approval.status,
-        "execution_id": str(approval.execution_id),
-        "model": f"group:{approval.group_id}",
-        "created_at": iso(approval.created_at),
-        "expires_at": iso(approval.expires_at),
-        "tool_executions": [tool_execution_body(te, redact=redact) for te in approval.tool_executions.all()],
-    }
 
 
 def execution_body(execution: Any) -> dict:

@@ -3,10 +3,14 @@ can still read older values). Encrypts team secrets (chat's vault) and what runs
 (core.fields)."""
 
 from functools import cache
+from typing import TYPE_CHECKING
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+
+if TYPE_CHECKING:
+    from core.models import VaultSecret
 
 
 @cache
@@ -37,3 +41,8 @@ def decrypt(token: bytes, *, what: str) -> str:
         return _fernet().decrypt(token).decode()
     except InvalidToken as exc:
         raise ImproperlyConfigured(f"{what} cannot be decrypted with KITEMESH_VAULT_KEY") from exc
+
+
+def secret_value(secret: "VaultSecret") -> str:
+    """A team's vault secret in clear, for the upstream or tool that needs it: never logged, never returned."""
+    return decrypt(bytes(secret.ciphertext), what=f"Vault secret {secret.name!r}")

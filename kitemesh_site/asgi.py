@@ -20,12 +20,12 @@ from django.core.handlers.asgi import ASGIHandler, get_script_prefix  # noqa: E4
 from django.core.handlers.exception import convert_exception_to_response  # noqa: E402
 from django.urls import set_script_prefix  # noqa: E402
 
-from chat.errors import RequestTooLarge  # noqa: E402
-from chat.wire import error_body, request_id_new  # noqa: E402
+from core import metrics  # noqa: E402
+from core.db import connections_closed_per_request, connections_upkeep, pool_allowed  # noqa: E402
+from core.envelope import error_body, request_id_new  # noqa: E402
+from core.errors import RequestTooLarge  # noqa: E402
+from core.middleware import API_PREFIXES, api_request_middleware  # noqa: E402
 from core.vault import vault_key_check  # noqa: E402
-from kitemesh_site import metrics  # noqa: E402
-from kitemesh_site.db import connections_closed_per_request, connections_upkeep, pool_allowed  # noqa: E402
-from kitemesh_site.middleware import API_PREFIXES, api_request_middleware  # noqa: E402
 
 
 class ApiHandler(ASGIHandler):
@@ -33,7 +33,7 @@ class ApiHandler(ASGIHandler):
     MiddlewareMixin class of the pages would cost two thread hops a request), and it opens no
     ThreadSensitiveContext: the sync work of API requests (DRF's authentication, the engine's
     transactions, one hop each) runs on long-lived threads — asgiref's one, and on PostgreSQL the pool
-    of kitemesh_site.db — whose database connections persist across requests instead of being opened by
+    of core.db — whose database connections persist across requests instead of being opened by
     a new thread for every request."""
 
     async def __call__(self, scope, receive, send) -> None:
@@ -42,7 +42,7 @@ class ApiHandler(ASGIHandler):
     async def handle(self, scope, receive, send) -> None:
         """Django's handle without the request_started and request_finished signals, whose receivers
         are sync (two thread hops a request): the API's database connection upkeep runs in the threads
-        its work goes to (kitemesh_site.db's pool, chat.api.ApiView.sync_dispatch), and after the response
+        its work goes to (core.db's pool, chat.api.ApiView.sync_dispatch), and after the response
         only when connections are closed per request. API responses hold nothing to close."""
         try:
             body_file = await self.read_body(receive)

@@ -13,8 +13,8 @@ from chat.api import (
     ModelListApi,
     api_not_found_view,
 )
-from kitemesh_site.health import healthz_view, readyz_view
-from kitemesh_site.metrics import metrics_view
+from core.health import healthz_view, readyz_view
+from core.metrics import metrics_view
 
 urlpatterns = [
     path("v1/chat/completions", ChatCompletionCreateApi.as_view()),

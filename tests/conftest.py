@@ -9,9 +9,9 @@ import httpx
 import pytest
 from django.db import connection
 
-from billing.services.ledger import credits_grant
+from billing.ledger import credits_grant
 from chat.engine import providers
-from chat.selectors import config_cache_clear
+from chat.services.config_cache import config_cache_clear
 from chat.services.tokens import token_create
 from chat.services.vault import secret_set
 from core.models import ApiToken, CustomModel, Group, Team

@@ -15,8 +15,9 @@ from typing import Protocol
 import aiohttp
 from django.conf import settings
 
+from billing.pricing import message_text, prompt_length, tokens_estimate
 from chat.engine.clients import per_loop
-from chat.errors import UpstreamError, UpstreamTimeout
+from core.errors import UpstreamError, UpstreamTimeout
 
 logger = logging.getLogger(__name__)
 
@@ -54,25 +55,6 @@ class Provider(Protocol):
     def stream(
         self, endpoint: ModelEndpoint, messages: list[dict], params: dict
     ) -> AsyncIterator[str | ModelReply]: ...
-
-
-def tokens_estimate(text_length: int) -> int:
-    """The SPEC's estimate when an upstream reports no usage: ceil(characters / 4)."""
-    return math.ceil(text_length / 4)
-
-
-def message_text(message: dict) -> str:
-    content = message.get("content")
-    if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content)
-    text = content or ""
-    for call in message.get("tool_calls") or ():
-        text += call["function"]["name"] + call["function"]["arguments"]
-    return text
-
-
-def prompt_length(messages: list[dict]) -> int:
-    return sum(len(message_text(m)) for m in messages)
 
 
 # --- OpenAI-compatible upstreams ------------------------------------------------------------------

@@ -18,9 +18,10 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError, ValidationError, relevance
 
 from chat.engine.clients import per_loop
-from chat.engine.ssrf import DestinationBlocked, IPAddress, Resolver, destination_check, literal_address
-from chat.services.vault import vault_decrypt
 from core.models import Tool
+from core.redaction import REDACTED, secret_key
+from core.ssrf import DestinationBlocked, IPAddress, Resolver, destination_check, literal_address
+from core.vault import secret_value
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +29,9 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_REDIRECTS = 3
 DEFAULT_TIMEOUT_SECONDS = 10.0
 TRUNCATED_MARK = "…[truncated]"
-REDACTED = "[redacted]"
-# A hidden value shorter than this is not hidden elsewhere on a page: it would blank out common words.
-SECRET_MIN_LENGTH = 4
 USER_AGENT = "KiteMesh-Tool/1"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
-_SECRET_KEY_PARTS = ("token", "password", "secret", "api_key", "apikey", "authorization")
 _METHOD_RISK = {"GET": "low", "HEAD": "low", "POST": "medium", "PUT": "medium", "PATCH": "medium", "DELETE": "high"}
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
 _REDIRECT_STATUSES = {301, 302, 303, 307, 308}
@@ -87,7 +84,7 @@ def tool_arguments_parse(tool: Tool, arguments: str) -> dict:
 
 def _error_text(error: ValidationError) -> str:
     path = ".".join(str(part) for part in error.absolute_path)
-    secret = any(isinstance(p, str) and _secret_key(p) for p in error.absolute_path) or (
+    secret = any(isinstance(p, str) and secret_key(p) for p in error.absolute_path) or (
         isinstance(error.schema, dict) and error.schema.get("x-redact") is True
     )
     # jsonschema quotes the offending value; a secret must not travel into step records and logs.
@@ -105,75 +102,6 @@ def _shorten(text: str, limit: int) -> str:
 def tool_risk(tool: Tool) -> str:
     """The tool's risk override, else by method: GET/HEAD low, POST/PUT/PATCH medium, DELETE high."""
     return tool.risk or _METHOD_RISK.get(tool.method.upper(), "high")
-
-
-def arguments_redact(tool: Tool, arguments: dict) -> dict:
-    """A copy safe to show and store: values of secret-looking keys and of properties the schema marks
-    `"x-redact": true` (at any depth) become "[redacted]". `$ref`s are not followed."""
-    return _redact(arguments, tool.parameters or {})
-
-
-def _secret_key(key: str) -> bool:
-    normalized = key.lower().replace("-", "_")
-    return any(part in normalized for part in _SECRET_KEY_PARTS)
-
-
-def _redact(value: Any, schema: Any) -> Any:
-    schema = schema if isinstance(schema, dict) else {}
-    if isinstance(value, dict):
-        properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
-        redacted = {}
-        for key, item in value.items():
-            sub = properties.get(key, schema.get("additionalProperties"))
-            marked = isinstance(sub, dict) and sub.get("x-redact") is True
-            redacted[key] = REDACTED if marked or _secret_key(str(key)) else _redact(item, sub)
-        return redacted
-    if isinstance(value, list):
-        return [_redact(item, schema.get("items")) for item in value]
-    return value  # JSON scalars are immutable
-
-
-def arguments_secrets(tool: Tool, arguments: str) -> set[str]:
-    """The values arguments_redact hides in these arguments (every scalar of a hidden object or list), as
-    text: what a page must hide wherever else it shows them (the conversation quoted beside the call)."""
-    try:
-        value = json.loads(arguments)
-    except ValueError:
-        return set()
-    if not isinstance(value, dict):
-        return set()
-    found: set[str] = set()
-    _hidden(value, arguments_redact(tool, value), found)
-    return {text for text in found if len(text) >= SECRET_MIN_LENGTH}
-
-
-def text_redact(text: str, secrets: set[str]) -> str:
-    """`text` with each of `secrets` in it replaced by "[redacted]", the longest first."""
-    for secret in sorted(secrets, key=len, reverse=True):
-        text = text.replace(secret, REDACTED)
-    return text
-
-
-def _hidden(value: Any, redacted: Any, found: set[str]) -> None:
-    if redacted == REDACTED and value != REDACTED:
-        _scalars(value, found)
-    elif isinstance(value, dict) and isinstance(redacted, dict):
-        for key, item in value.items():
-            _hidden(item, redacted.get(key), found)
-    elif isinstance(value, list) and isinstance(redacted, list):
-        for item, hidden in zip(value, redacted, strict=True):
-            _hidden(item, hidden, found)
-
-
-def _scalars(value: Any, found: set[str]) -> None:
-    if isinstance(value, dict):
-        for item in value.values():
-            _scalars(item, found)
-    elif isinstance(value, list):
-        for item in value:
-            _scalars(item, found)
-    elif value is not None and not isinstance(value, bool):
-        found.add(str(value))
 
 
 # --- The call --------------------------------------------------------------------------------------
@@ -260,7 +188,7 @@ def _auth(tool: Tool) -> tuple[str, dict[str, str]]:
     if tool.auth_secret is None:
         raise _CallRefused(f"the tool {tool.name!r} uses {tool.auth_type} auth but has no vault secret")
     try:
-        value = vault_decrypt(tool.auth_secret)
+        value = secret_value(tool.auth_secret)
     except ImproperlyConfigured as exc:
         raise _CallRefused(str(exc)) from None
     if tool.auth_type == Tool.AuthType.BEARER:

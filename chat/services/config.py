@@ -12,8 +12,8 @@ import jsonschema
 import yaml
 from django.db import models, transaction
 
+from billing.ledger import credits_grant
 from billing.models import CreditAccount
-from billing.services.ledger import credits_grant
 from chat.services.vault import secret_set
 from core.models import CustomModel, Group, GroupAgent, GroupFallback, Mode, Team, Tool, VaultSecret
 

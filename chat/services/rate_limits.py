@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from django.conf import settings
 
 from chat.engine.clients import per_loop
-from chat.errors import RateLimited
+from core.errors import RateLimited
 from core.models import ApiToken
 
 STREAM_SLOT_TTL = 3600  # a worker that dies mid-stream frees its slots after this long (Redis only)

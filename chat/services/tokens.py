@@ -1,22 +1,20 @@
 """API tokens: `km_` + 43 url-safe characters (256 random bits). The first characters are a lookup
 prefix kept in clear; the whole token is stored as a SHA-256 hash and compared in constant time."""
 
-import functools
 import hashlib
 import hmac
 import secrets
-import time
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
-from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from chat.errors import AuthenticationError
-from chat.selectors import team_cached, team_get
+from chat.selectors import team_get
+from chat.services.config_cache import cached, keep, version_check
+from core.errors import AuthenticationError
 from core.models import ApiToken, Group, Team, Tool
-from kitemesh_site.sql import db_value, sql_instances, sql_rows
+from core.sql import sql_instances, table
 
 TOKEN_PREFIX = "km_"
 LOOKUP_PREFIX_LENGTH = 12  # "km_" + 9 random characters: unique enough to find the row, useless to guess
@@ -68,88 +66,75 @@ def token_revoke(*, token: ApiToken) -> bool:
     return bool(ApiToken.objects.filter(pk=token.pk, revoked_at=None).update(revoked_at=timezone.now()))
 
 
-# Tokens read from the database, by lookup prefix: (when read, its row, the token built from it). Every
-# request but a completion's reads its token's row again (revocation and expiry apply at once); a
-# completion may take a token read within KITEMESH_CONFIG_CACHE_SECONDS (token_recent), because the
-# statement that starts its run checks the token is still live (token_live_query).
-_tokens_read: dict[str, tuple[float, tuple, ApiToken]] = {}
-_TOKENS_READ_MAX = 10_000
 INVALID_TOKEN_MESSAGE = "Invalid, expired or revoked API token."
 
 
-def token_authenticate(raw: str) -> ApiToken | None:
-    """The live token for a bearer secret (with its team), or None."""
+# --- Who calls: the one rule for every API request (chat.authentication, the completion path) ---------------
+
+
+def token_authenticate(raw: str) -> tuple[int, ApiToken] | None:
+    """(The configuration version, the live token of a bearer secret with its team), or None. Checks the
+    configuration version first (one query; a revocation changes it) and reads the token only when this
+    worker does not keep it at that version. In a database thread."""
     if not raw.startswith(TOKEN_PREFIX) or len(raw) < LOOKUP_PREFIX_LENGTH + 8:
         return None
-    token = _token_read(raw[:LOOKUP_PREFIX_LENGTH])
-    if token is None or not _token_usable(token, raw):
-        return None
-    token.team = team_get(team_id=token.team_id)
-    return token
+    version = version_check()
+    key = ("token", raw[:LOOKUP_PREFIX_LENGTH])
+    entry = cached(key)
+    if entry is None:
+        token = _token_read(raw[:LOOKUP_PREFIX_LENGTH], version)
+        if token is None:
+            return None
+        keep(key, token, version=version)
+    else:
+        token = entry[1]
+    return (version, token) if _token_usable(token, raw) else None
 
 
-def token_recent(raw: str) -> ApiToken | None:
-    """token_authenticate's answer from this process's last read of the token, when that read is recent
-    and the team is in the config cache: no database (callable from async code). None means "read it".
-    Only for a request whose writes check the token again (token_live_query)."""
-    read = _tokens_read.get(raw[:LOOKUP_PREFIX_LENGTH])
-    if read is None or read[0] + settings.KITEMESH_CONFIG_CACHE_SECONDS < time.monotonic():
-        return None
-    token = read[2]
-    if not _token_usable(token, raw) or (team := team_cached(team_id=token.team_id)) is None:
-        return None
-    token.team = team
-    return token
+def token_recent(raw: str) -> tuple[int, ApiToken] | None:
+    """token_authenticate's answer from what this worker keeps, with the configuration version it was read
+    at, with no query (callable on the event loop), or None ("read it"). Only for a request whose write
+    checks that version (a completion's start: core.config_version.config_guard), so a revocation still
+    applies at once."""
+    entry = cached(("token", raw[:LOOKUP_PREFIX_LENGTH]))
+    return entry if entry is not None and _token_usable(entry[1], raw) else None
+
+
+def token_reload(*, token: ApiToken) -> tuple[int, ApiToken]:
+    """(The configuration version, the token as the database has it now), after the configuration changed
+    under a request that had it; AuthenticationError when it was revoked, expired or deleted meanwhile."""
+    version = version_check()
+    fresh = _token_read(token.prefix, version)
+    if fresh is None or fresh.pk != token.pk or not _token_live(fresh):
+        raise AuthenticationError(INVALID_TOKEN_MESSAGE)
+    keep(("token", token.prefix), fresh, version=version)
+    return version, fresh
+
+
+def token_error_first(*, raw: str, error: Exception) -> Exception:
+    """The error to answer a request that failed before its run started, when its token came from
+    token_recent: a token revoked or expired meanwhile gets its 401, whatever else was wrong, so a dead
+    token never learns anything else. In a database thread."""
+    if isinstance(error, AuthenticationError) or token_authenticate(raw) is not None:
+        return error
+    return AuthenticationError(INVALID_TOKEN_MESSAGE)
 
 
 def _token_usable(token: ApiToken, raw: str) -> bool:
-    if not hmac.compare_digest(token.secret_hash, token_hash(raw)):
-        return False
+    return hmac.compare_digest(token.secret_hash, token_hash(raw)) and _token_live(token)
+
+
+def _token_live(token: ApiToken) -> bool:
     return token.revoked_at is None and (token.expires_at is None or token.expires_at > timezone.now())
 
 
-# A row when the token is live; its parameters from token_live_query.
-_TOKEN_LIVE = (
-    "SELECT id FROM chat_apitoken WHERE id = %s AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > %s)"
-)
-
-
-def token_live_query(token: ApiToken) -> tuple[str, list]:
-    """A query that returns a row only while the token is neither revoked nor expired, to run inside a
-    write that must not happen for a dead token."""
-    return _TOKEN_LIVE, [token.pk, db_value(ApiToken, "expires_at", timezone.now())]
-
-
-def token_live_check(token: ApiToken) -> None:
-    """AuthenticationError unless the token is live: for a caller that may hold a token read a while ago."""
-    if not sql_rows(*token_live_query(token)):
-        raise AuthenticationError(INVALID_TOKEN_MESSAGE)
-
-
-@functools.cache
-def _token_row_statement() -> str:
-    """Every column of the token, as the database returns them (compared with the last read, not converted)."""
+def _token_read(prefix: str, version: int) -> ApiToken | None:
+    """The token of a lookup prefix with its team (kept at `version`), by one written-out statement (the
+    ORM's compiler cost more than the read: README, Benchmarks)."""
     columns = ", ".join(f.column for f in ApiToken._meta.concrete_fields)
-    return f"SELECT {columns} FROM chat_apitoken WHERE prefix = %s"
-
-
-def _token_read(prefix: str) -> ApiToken | None:
-    """The token's row, read by one written-out statement; the ApiToken is built only when the row is new
-    to this process or has changed, since building it costs more than the read (README, Benchmarks).
-    Requests share it read-only."""
-    rows = sql_rows(_token_row_statement(), [prefix])
-    if not rows:
-        _tokens_read.pop(prefix, None)
+    found = sql_instances(ApiToken, f"SELECT {columns} FROM {table(ApiToken)} WHERE prefix = %s", [prefix])
+    if not found:
         return None
-    read = _tokens_read.get(prefix)
-    if read is not None and read[1] == rows[0]:
-        token = read[2]
-    else:
-        built = sql_instances(ApiToken, _token_row_statement(), [prefix])
-        if not built:
-            return None
-        token = built[0]
-        if len(_tokens_read) >= _TOKENS_READ_MAX:
-            _tokens_read.clear()
-    _tokens_read[prefix] = (time.monotonic(), rows[0], token)
+    token = found[0]
+    token.team = team_get(team_id=token.team_id, version=version)
     return token

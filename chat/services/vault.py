@@ -4,15 +4,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from core.models import Team, VaultSecret
-from core.vault import decrypt, encrypt
-
-
-def vault_encrypt(value: str) -> bytes:
-    return encrypt(value)
-
-
-def vault_decrypt(secret: VaultSecret) -> str:
-    return decrypt(bytes(secret.ciphertext), what=f"Vault secret {secret.name!r}")
+from core.vault import encrypt, secret_value
 
 
 @transaction.atomic
@@ -20,13 +12,13 @@ def secret_set(*, team: Team, name: str, value: str, description: str | None = N
     """Create the secret, or update it in place (same row, so models and tools keep pointing at it):
     a new value is a rotation; the same value is not re-encrypted; description None keeps it."""
     secret, created = VaultSecret.objects.select_for_update().get_or_create(
-        team=team, name=name, defaults={"ciphertext": vault_encrypt(value), "description": description or ""}
+        team=team, name=name, defaults={"ciphertext": encrypt(value), "description": description or ""}
     )
     if created:
         return secret
     changed = []
-    if vault_decrypt(secret) != value:
-        secret.ciphertext, secret.rotated_at = vault_encrypt(value), timezone.now()
+    if secret_value(secret) != value:
+        secret.ciphertext, secret.rotated_at = encrypt(value), timezone.now()
         changed += ["ciphertext", "rotated_at"]
     if description is not None and secret.description != description:
         secret.description = description

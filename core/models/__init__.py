@@ -2,7 +2,17 @@
 deliveries. Apps own the behaviour (chat runs, approvals decides, billing charges); the schema they share
 lives here, below all of them."""
 
-from core.models.config import ApiToken, CustomModel, Group, GroupAgent, GroupFallback, Mode, Tool, VaultSecret
+from core.models.config import (
+    ApiToken,
+    ConfigVersion,
+    CustomModel,
+    Group,
+    GroupAgent,
+    GroupFallback,
+    Mode,
+    Tool,
+    VaultSecret,
+)
 from core.models.runs import Approval, Execution, Step, ToolExecution
 from core.models.teams import RateLimits, Team
 from core.models.webhooks import WebhookDelivery
@@ -10,6 +20,7 @@ from core.models.webhooks import WebhookDelivery
 __all__ = [
     "ApiToken",
     "Approval",
+    "ConfigVersion",
     "CustomModel",
     "Execution",
     "Group",

@@ -1,6 +1,7 @@
 """What a team configures: vault secrets, custom models (upstream LLMs), HTTP tools, groups (a brain, agents,
 tools, fallbacks) and API tokens."""
 
+import secrets
 import uuid
 from decimal import Decimal
 
@@ -224,3 +225,22 @@ class ApiToken(RateLimits):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}…)"
+
+
+def version_start() -> int:
+    """A new row's version, random: a row made again (after a flush) never meets a version cached before."""
+    return secrets.randbelow(2**62)
+
+
+class ConfigVersion(models.Model):
+    """One row whose `version` the database raises on every write to a table of configuration (triggers:
+    QuerySet.update() and raw SQL count too, core.config_version). A process's cached configuration is good
+    while the version it was read at is current."""
+
+    version = models.BigIntegerField(default=version_start)
+
+    class Meta:
+        db_table = "core_configversion"
+
+    def __str__(self) -> str:
+        return f"configuration version {self.version}"

@@ -7,7 +7,7 @@ from urllib.parse import unquote, urlsplit
 import dj_database_url
 from csp.constants import NONCE, NONE, SELF
 
-from kitemesh_site.logs import logging_config
+from core.logs import logging_config
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 VAR_DIR = BASE_DIR / "var"  # the default SQLite database and test databases live here
@@ -46,7 +46,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
-    "kitemesh_site.middleware.api_request_middleware",
+    "core.middleware.api_request_middleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -83,8 +83,6 @@ DATABASES = {
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-    # Django's backend, converting each statement's placeholders once (kitemesh_site.sqlite3).
-    DATABASES["default"]["ENGINE"] = "kitemesh_site.sqlite3"
     # Several writers (API requests, commands) share one file: wait for the lock instead of failing.
     # WAL lets pages read while the API writes; synchronous=NORMAL syncs at checkpoints rather than at
     # every commit (a power cut may lose the last commits, never corrupt the file).
@@ -199,14 +197,12 @@ KITEMESH_UPSTREAM_RETRIES = env_int("KITEMESH_UPSTREAM_RETRIES", 2)
 KITEMESH_UPSTREAM_RETRY_BACKOFF = float(os.environ.get("KITEMESH_UPSTREAM_RETRY_BACKOFF", "0.25"))
 KITEMESH_CIRCUIT_FAILURES = env_int("KITEMESH_CIRCUIT_FAILURES", 5)
 KITEMESH_CIRCUIT_COOLDOWN = float(os.environ.get("KITEMESH_CIRCUIT_COOLDOWN", "30"))
-# Output-token cap sent upstream (and reserved for) when the client gives no max_tokens.
-# How long a worker keeps a group's configuration before reading it again (see chat.selectors).
-KITEMESH_CONFIG_CACHE_SECONDS = float(os.environ.get("KITEMESH_CONFIG_CACHE_SECONDS", "5"))
 # PostgreSQL: threads (each with its own connection) a worker runs its request path's transactions on.
 KITEMESH_DB_THREADS = int(os.environ.get("KITEMESH_DB_THREADS", "4"))
+# Output-token cap sent upstream (and reserved for) when the client gives no max_tokens.
 KITEMESH_DEFAULT_MAX_OUTPUT_TOKENS = env_int("KITEMESH_DEFAULT_MAX_OUTPUT_TOKENS", 1024)
 # A working run renews a lease on its execution every third of this; a run whose lease lapsed had its
-# process die, and is recovered (SPEC §7; chat.services.recovery).
+# process die, and is recovered (SPEC §7; approvals.recovery).
 KITEMESH_RUN_LEASE_SECONDS = float(os.environ.get("KITEMESH_RUN_LEASE_SECONDS", "30"))
 
 REDIS_URL = os.environ.get("REDIS_URL", "")

@@ -4,7 +4,7 @@ import os
 
 from django.core.exceptions import ImproperlyConfigured
 
-from kitemesh_site.logs import logging_config
+from core.logs import logging_config
 
 from .base import *  # noqa: F403
 from .base import DEV_SECRET_KEY, DEV_VAULT_KEY, KITEMESH_LOG_LEVEL

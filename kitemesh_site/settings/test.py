@@ -10,7 +10,7 @@ from .base import DATABASES, VAR_DIR
 DEBUG = False
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 _run = os.environ.get("KITEMESH_TEST_RUN_ID") or str(os.getpid())
-if DATABASES["default"]["ENGINE"] == "kitemesh_site.sqlite3":
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / f"test-{_run}.sqlite3")}
 else:
     DATABASES["default"]["TEST"] = {"NAME": f"test_{DATABASES['default']['NAME']}_{_run}"}

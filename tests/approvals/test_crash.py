@@ -18,7 +18,7 @@ import pytest
 from django.core.management import call_command
 
 from billing.models import CreditAccount, Hold
-from chat.engine.runner import UNKNOWN_OUTCOME
+from chat.engine.rounds import UNKNOWN_OUTCOME
 from core.models import Approval, Execution, Step, Tool, ToolExecution
 from tests.conftest import Setup, make_setup
 from tests.support.helpers import wait_for

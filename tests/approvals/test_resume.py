@@ -16,8 +16,8 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 
 from approvals.services import approval_decide
+from billing.ledger import credits_grant
 from billing.models import CreditAccount, Hold, LedgerEntry
-from billing.services.ledger import credits_grant
 from core.models import Approval, Execution, Group, ToolExecution
 from tests.conftest import Setup, make_setup
 from tests.support.helpers import credits, sse_chunks

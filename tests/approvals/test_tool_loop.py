@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from billing.models import LedgerEntry
-from chat.engine.runner import MAX_TOOL_ROUNDS
+from chat.engine.modes.normal import MAX_TOOL_ROUNDS
 from chat.services.tokens import token_create
 from core.models import Execution, Tool, ToolExecution
 from tests.conftest import Setup

@@ -16,9 +16,9 @@ import httpx
 import pytest
 
 from approvals.services import approval_decide, approval_expire
-from chat.errors import Conflict
 from chat.services.config import ConfigError, config_apply
 from chat.services.vault import secret_set
+from core.errors import Conflict
 from core.models import Approval, Group, WebhookDelivery
 from tests.approvals.test_pages import (
     TICKET_ARGUMENTS,

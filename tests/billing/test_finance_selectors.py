@@ -13,12 +13,13 @@ import pytest
 from django.contrib.auth.models import User
 from django.utils import timezone
 
-from approvals.services import approval_decide, approval_pause, approval_resume_claim
+from approvals.resume import approval_resume_claim
+from approvals.services import approval_decide, approval_pause
 from billing import selectors
 from billing.charts import bar_chart
 from billing.forms import Period
+from billing.ledger import credits_grant, hold_open
 from billing.models import LedgerEntry
-from billing.services.ledger import credits_grant, hold_create
 from chat.services.executions import execution_finish, execution_start
 from chat.services.tokens import token_create
 from core.models import ApiToken, CustomModel, Execution, Group, Step, Team, Tool, ToolExecution
@@ -116,7 +117,7 @@ def span(period: Period, *teams: Team) -> dict:
 
 def test_team_credits_show_balance_held_available_and_active_holds(acme: Setup, globex: Setup):
     execution = Execution.objects.create(team=acme.team, group=acme.group, request_id="req_held", mode="normal")
-    hold_create(execution=execution, amount=120)
+    hold_open(execution=execution, amount=120)
     credits_grant(team=acme.team, amount=-500, reason="correction", kind=LedgerEntry.Kind.ADJUSTMENT)
     nobody = Team.objects.create(name="empty")
 

@@ -12,35 +12,31 @@ from django.core.management import call_command
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
+from billing.ledger import Ledger, Settlement, TransactionLedger, credits_grant, credits_round, hold_open
+from billing.ledger_postgresql import StatementLedger
 from billing.models import CreditAccount, Hold, LedgerEntry
-from billing.services.ledger import (
-    credits_grant,
-    credits_round,
-    execution_insert_with_hold,
-    hold_create,
-    hold_settle,
-    hold_settle_with,
-)
-from chat.errors import InsufficientCredits, InvalidRequest
-from core.models import Execution, Team
-from kitemesh_site.sql import single_statement_writes
+from core.errors import InsufficientCredits, InvalidRequest
+from core.models import Execution, Step, Team
+from core.sql import Guard
 from tests.conftest import Setup, make_setup
 
 _request_ids = itertools.count(1)
-# Holds and settlements are written two ways (kitemesh_site.sql): statement by statement in a transaction,
-# and on PostgreSQL the request path's single statements. Every test here runs against both.
-ONE_STATEMENT = "one_statement"
-_one_statement = False  # which way hold() and settle() write: set by the `acme` fixture
-OPEN_GATE = ("SELECT 1", [])
+# A run's money path has two backends (billing.ledger): statements in a transaction, and on PostgreSQL
+# single statements. Every test here that holds or settles runs against both.
+_backend: Ledger = TransactionLedger()  # the one hold() and settle() use: set by the `acme` fixture
 
 
-@pytest.fixture(params=["transaction", ONE_STATEMENT])
+def postgresql_only() -> None:
+    if connection.vendor != "postgresql":
+        pytest.skip("the single-statement ledger is PostgreSQL's (the second CI pass runs it)")
+
+
+@pytest.fixture(params=[TransactionLedger, StatementLedger])
 def acme(request, upstream, db, monkeypatch) -> Setup:
     """A team with a group and no credits yet (each test grants what it needs)."""
-    if request.param == ONE_STATEMENT:
-        if not single_statement_writes():
-            pytest.skip("single-statement writes are PostgreSQL's (the second CI pass runs them)")
-        monkeypatch.setattr(f"{__name__}._one_statement", True)
+    if request.param is StatementLedger:
+        postgresql_only()
+    monkeypatch.setattr(f"{__name__}._backend", request.param())
     return make_setup(upstream, credits=0)
 
 
@@ -49,19 +45,15 @@ def execution_new(setup: Setup) -> Execution:
 
 
 def hold(setup: Setup, amount: int) -> Hold:
-    execution = execution_new(setup)
-    if _one_statement:
-        return execution_insert_with_hold(execution=execution, amount=amount, gate=OPEN_GATE)
-    with transaction.atomic():
-        execution.save()
-        return hold_create(execution=execution, amount=amount)
+    """A run opened with a hold of `amount`."""
+    return _backend.run_open(execution=execution_new(setup), amount=amount)
 
 
 def settle(h: Hold, cost: Decimal) -> int:
-    if _one_statement:
-        return hold_settle_with(hold=h, cost=cost, writes=[])
-    with transaction.atomic():
-        return hold_settle(hold=h, cost=cost)
+    """The run of hold `h` settled with one step of `cost`."""
+    execution = Execution.objects.get(pk=h.execution_id)
+    step = Step(execution=execution, kind=Step.Kind.MODEL_CALL, model_name="m", status="succeeded", cost=cost)
+    return _backend.run_settle(Settlement(execution, h, [step], 0, []))
 
 
 def account(team: Team) -> CreditAccount:
@@ -184,24 +176,21 @@ def test_hold_beyond_what_is_available_is_refused_and_writes_nothing(acme: Setup
     assert account(acme.team).held == 70
 
 
-def test_a_closed_gate_writes_nothing_and_refuses_nothing(acme: Setup):
-    """The single statement's gate (the request's token still live) is checked before any write."""
-    if not _one_statement:
-        pytest.skip("the gate is the single statement's")
+def test_a_guard_that_no_longer_holds_writes_nothing_and_refuses_nothing(acme: Setup):
+    """A run's start is guarded (its configuration still current): checked before any write."""
     credits_grant(team=acme.team, amount=100, reason="start")
     entries = LedgerEntry.objects.count()
+    stale = Guard(Team, acme.team.pk, "name", "a name it no longer has")
 
-    assert (
-        execution_insert_with_hold(execution=execution_new(acme), amount=10, gate=("SELECT 1 WHERE false", [])) is None
-    )
+    assert _backend.run_open(execution=execution_new(acme), amount=10, guard=stale) is None
     # It says so even when the team could not have covered the hold.
-    assert (
-        execution_insert_with_hold(execution=execution_new(acme), amount=999, gate=("SELECT 1 WHERE false", [])) is None
-    )
+    assert _backend.run_open(execution=execution_new(acme), amount=999, guard=stale) is None
 
     assert LedgerEntry.objects.count() == entries
     assert not Hold.objects.exists() and not Execution.objects.exists()
     assert (account(acme.team).balance, account(acme.team).held) == (100, 0)
+    current = Guard(Team, acme.team.pk, "name", acme.team.name)
+    assert _backend.run_open(execution=execution_new(acme), amount=10, guard=current).amount == 10
 
 
 def test_hold_without_any_credits_is_refused(acme: Setup):
@@ -386,7 +375,7 @@ def test_the_sweep_settles_runs_whose_lease_lapsed_and_leaves_live_and_paused_on
         )
         Execution.objects.filter(pk=execution.pk).update(lease_expires_at=lease)
         with transaction.atomic():
-            runs[name] = hold_create(execution=execution, amount=10)
+            runs[name] = hold_open(execution=execution, amount=10)
     out = io.StringIO()
 
     call_command("sweep", stdout=out)
@@ -411,17 +400,19 @@ def _synchronous_commit() -> str:
 def test_the_single_statement_start_skips_the_flush_for_its_own_transaction_only(upstream):
     """The start's commit does not wait for the WAL flush (its settlement's does); the setting must not
     reach the connection's next transactions."""
-    if not single_statement_writes():
-        pytest.skip("single-statement writes are PostgreSQL's (the second CI pass runs them)")
+    postgresql_only()
+    backend = StatementLedger()
     setup = make_setup(upstream, credits=100)
     assert _synchronous_commit() == "on"
 
-    hold_ = execution_insert_with_hold(execution=execution_new(setup), amount=10, gate=OPEN_GATE)
+    hold_ = backend.run_open(execution=execution_new(setup), amount=10)
     assert _synchronous_commit() == "on"  # the statement was its own transaction
     with transaction.atomic():  # inside a transaction, it applies to that transaction
-        execution_insert_with_hold(execution=execution_new(setup), amount=10, gate=OPEN_GATE)
+        backend.run_open(execution=execution_new(setup), amount=10)
         assert _synchronous_commit() == "off"
     assert _synchronous_commit() == "on"
 
-    assert hold_settle_with(hold=hold_, cost=Decimal(3), writes=[]) == 3
+    execution = Execution.objects.get(pk=hold_.execution_id)
+    step = Step(execution=execution, kind=Step.Kind.MODEL_CALL, model_name="m", status="succeeded", cost=Decimal(3))
+    assert backend.run_settle(Settlement(execution, hold_, [step], 0, [])) == 3
     assert _synchronous_commit() == "on"

@@ -17,8 +17,8 @@ from django.utils import timezone
 
 from approvals.services import approval_decide
 from billing.exports import LEDGER_HEADER, USAGE_HEADER
+from billing.ledger import credits_grant
 from billing.models import CreditAccount, LedgerEntry
-from billing.services.ledger import credits_grant
 from core.models import Approval, Execution, Team, ToolExecution
 from tests.billing.test_finance_selectors import model_call, record_run
 from tests.conftest import Setup, make_setup

@@ -9,10 +9,11 @@ from django.urls import reverse
 from django.utils import timezone
 
 from billing.models import CreditAccount, LedgerEntry
-from chat.services.tokens import token_authenticate
-from chat.services.vault import secret_set, vault_decrypt
+from chat.services.vault import secret_set
 from core.models import ApiToken, Execution, Step, Tool, VaultSecret, WebhookDelivery
+from core.vault import secret_value
 from tests.conftest import UPSTREAM_API_KEY, Setup
+from tests.support.helpers import live_token
 
 SECRET_IN_PAGE = re.compile(r'value="(km_[A-Za-z0-9_-]+)"')
 
@@ -103,7 +104,7 @@ def test_adding_a_token_shows_its_secret_once_and_stores_only_its_hash(admin_cli
     assert token.secret_hash == hashlib.sha256(secret.encode()).hexdigest()
     assert token.prefix == secret[: len(token.prefix)]
     assert list(token.groups.all()) == [setup.group]
-    assert token_authenticate(secret) == token
+    assert live_token(secret) == token
 
     change_page = admin_client.get(reverse("admin:core_apitoken_change", args=[token.pk]))
     changelist = admin_client.get(reverse("admin:core_apitoken_changelist"))
@@ -133,7 +134,7 @@ def test_editing_a_token_in_the_admin_keeps_its_secret(admin_client, setup: Setu
     assert "km_" not in response.content.decode()
     token.refresh_from_db()
     assert token.name == "renamed"
-    assert token_authenticate(secret) == token
+    assert live_token(secret) == token
 
 
 def test_adding_a_vault_secret_stores_it_encrypted_and_never_renders_it(admin_client, setup: Setup):
@@ -147,7 +148,7 @@ def test_adding_a_vault_secret_stores_it_encrypted_and_never_renders_it(admin_cl
     assert response.status_code == 302
     secret = VaultSecret.objects.get(team=setup.team, name="crm-key")
     assert value.encode() not in bytes(secret.ciphertext)
-    assert vault_decrypt(secret) == value
+    assert secret_value(secret) == value
     assert secret.description == "CRM API key"
     for url in (
         reverse("admin:core_vaultsecret_change", args=[secret.pk]),
@@ -182,7 +183,7 @@ def test_editing_a_vault_secret_without_a_value_keeps_it(admin_client, setup: Se
     secret.refresh_from_db()
     assert bytes(secret.ciphertext) == ciphertext
     assert secret.description == "now described"
-    assert vault_decrypt(secret) == UPSTREAM_API_KEY
+    assert secret_value(secret) == UPSTREAM_API_KEY
 
 
 def test_a_new_value_in_the_admin_rotates_the_secret_in_place(admin_client, setup: Setup):
@@ -196,7 +197,7 @@ def test_a_new_value_in_the_admin_rotates_the_secret_in_place(admin_client, setu
     assert response.status_code == 302
     assert VaultSecret.objects.filter(team=setup.team, name="crm-key").count() == 1
     secret.refresh_from_db()
-    assert vault_decrypt(secret) == "new-value"
+    assert secret_value(secret) == "new-value"
     assert secret.rotated_at is not None
 
 

@@ -137,8 +137,8 @@ def test_revoked_token_is_401(client, setup: Setup, upstream):
 
 
 # --- A token revoked or expired after this worker read it ------------------------------------------
-# A completion takes a token its worker read in the last seconds without reading it again; the statement
-# that starts the run checks it is still live (chat.services.tokens.token_recent).
+# A completion takes a token its worker keeps without a query; the statement that starts the run checks the
+# configuration is still at the version the token was read at (chat.services.tokens.token_recent).
 
 
 def _completion(client, setup: Setup, **body):
@@ -157,7 +157,12 @@ def _written(setup: Setup) -> tuple:
 
 
 def _token_rows_read(queries: CaptureQueriesContext) -> list[str]:
-    return [q["sql"] for q in queries.captured_queries if "FROM chat_apitoken WHERE prefix" in q["sql"]]
+    return [q["sql"] for q in queries.captured_queries if 'chat_apitoken" WHERE prefix' in q["sql"]]
+
+
+def _version_reads(queries: CaptureQueriesContext) -> list[str]:
+    """core.config_version.config_version's reads (not the guard inside a run's start)."""
+    return [q["sql"] for q in queries.captured_queries if '"core_configversion"."version"' in q["sql"]]
 
 
 @pytest.mark.parametrize("ends", ["revoked", "expired"])
@@ -173,7 +178,8 @@ def test_a_token_that_ended_since_its_last_request_starts_nothing(client, setup:
         response = _completion(client, setup)
 
     unauthorized(response)
-    assert _token_rows_read(queries) == []  # refused by the run's start, not by a fresh read
+    # Taken without a query; the run's start found the configuration changed, and the token read again.
+    assert len(_token_rows_read(queries)) == 1
     assert len(upstream.received) == calls
     assert _written(setup) == before
 
@@ -203,14 +209,26 @@ def test_a_revoked_token_gets_its_401_before_any_other_error(client, setup: Setu
     unauthorized(_completion(client, setup, **body))
 
 
-def test_a_recently_read_token_is_not_read_again_by_a_completion(client, setup: Setup, upstream):
+def test_a_token_kept_at_the_current_configuration_is_not_read_again(client, setup: Setup, upstream):
     assert _completion(client, setup).status_code == 200
 
-    with CaptureQueriesContext(connection) as queries:
+    with CaptureQueriesContext(connection) as completion:
         assert _completion(client, setup).status_code == 200
+    with CaptureQueriesContext(connection) as credits:
         assert client.get("/v1/credits", **_auth(setup)).status_code == 200
 
-    assert len(_token_rows_read(queries)) == 1  # /v1/credits reads it; the completion did not
+    assert (_token_rows_read(completion), _version_reads(completion)) == ([], [])  # the run's start checks
+    assert (_token_rows_read(credits), len(_version_reads(credits))) == ([], 1)
+
+
+def test_a_group_changed_behind_the_workers_back_is_read_again(client, setup: Setup, upstream):
+    """QuerySet.update() sends no signal: the configuration's version (raised by a trigger) still moves."""
+    assert _completion(client, setup).status_code == 200
+    Group.objects.filter(pk=setup.group.pk).update(max_output_tokens=77)
+
+    assert _completion(client, setup).status_code == 200
+
+    assert upstream.received[-1].body["max_tokens"] == 77
 
 
 def test_lowercase_bearer_scheme_is_accepted(client, setup: Setup):

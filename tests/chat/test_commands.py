@@ -10,9 +10,10 @@ from django.core.management.base import CommandError
 from django.utils import timezone
 
 from billing.models import CreditAccount, LedgerEntry
-from chat.services.tokens import token_authenticate, token_hash
+from chat.services.tokens import token_hash
 from core.models import ApiToken, Tool
 from tests.conftest import Setup, make_setup
+from tests.support.helpers import live_token
 
 TOKEN_LINE = re.compile(r"^km_[A-Za-z0-9_-]{43}$")
 
@@ -48,7 +49,7 @@ def test_issue_token_prints_the_token_alone_on_the_last_stdout_line(setup: Setup
 def test_issued_token_authenticates_for_its_team(setup: Setup):
     raw = issue("--team", "acme", "--name", "ci")
 
-    token = token_authenticate(raw)
+    token = live_token(raw)
 
     assert token is not None
     assert (token.name, token.team, token.expires_at) == ("ci", setup.team, None)
@@ -58,7 +59,7 @@ def test_issued_token_authenticates_for_its_team(setup: Setup):
 def test_issue_token_stores_group_and_tool_scope(setup: Setup, tool: Tool):
     raw = issue("--team", "acme", "--name", "scoped", "--group", str(setup.group.id), "--tool", "create_ticket")
 
-    token = token_authenticate(raw)
+    token = live_token(raw)
     assert list(token.groups.all()) == [setup.group]
     assert list(token.tools.all()) == [tool]
 
@@ -70,14 +71,14 @@ def test_issue_token_expires_in_sets_expires_at(setup: Setup):
 
     token = ApiToken.objects.get(name="short")
     assert before + timedelta(seconds=3600) <= token.expires_at <= after + timedelta(seconds=3600)
-    assert token_authenticate(raw) == token
+    assert live_token(raw) == token
 
 
 def test_token_past_its_expiry_no_longer_authenticates(setup: Setup):
     raw = issue("--team", "acme", "--name", "short", "--expires-in", "60")
     ApiToken.objects.filter(name="short").update(expires_at=timezone.now() - timedelta(seconds=1))
 
-    assert token_authenticate(raw) is None
+    assert live_token(raw) is None
 
 
 @pytest.mark.parametrize(
@@ -115,7 +116,7 @@ def test_issue_token_refuses_a_second_active_token_with_the_same_name(setup: Set
         run("issue_token", "--team", "acme", "--name", "ci")
 
     assert ApiToken.objects.filter(name="ci").count() == 1
-    assert token_authenticate(first) is not None
+    assert live_token(first) is not None
 
 
 def test_a_revoked_name_can_be_issued_again(setup: Setup):
@@ -124,8 +125,8 @@ def test_a_revoked_name_can_be_issued_again(setup: Setup):
 
     new = issue("--team", "acme", "--name", "ci")
 
-    assert token_authenticate(old) is None
-    assert token_authenticate(new).name == "ci"
+    assert live_token(old) is None
+    assert live_token(new).name == "ci"
 
 
 def test_same_token_name_is_allowed_in_another_team(setup: Setup, upstream):
@@ -134,7 +135,7 @@ def test_same_token_name_is_allowed_in_another_team(setup: Setup, upstream):
 
     raw = issue("--team", "globex", "--name", "ci")
 
-    assert token_authenticate(raw).team.name == "globex"
+    assert live_token(raw).team.name == "globex"
 
 
 def test_revoke_token_stops_it_at_once(setup: Setup):
@@ -143,9 +144,9 @@ def test_revoke_token_stops_it_at_once(setup: Setup):
     out, _ = run("revoke_token", "--team", "acme", "--name", "ci")
 
     assert "revoked" in out
-    assert token_authenticate(raw) is None
+    assert live_token(raw) is None
     assert ApiToken.objects.get(name="ci").revoked_at is not None
-    assert token_authenticate(setup.raw_token) == setup.token, "other tokens keep working"
+    assert live_token(setup.raw_token) == setup.token, "other tokens keep working"
 
 
 def test_revoking_twice_is_an_error(setup: Setup):
@@ -164,7 +165,7 @@ def test_revoke_token_needs_the_right_team(setup: Setup, upstream):
     with pytest.raises(CommandError):
         run("revoke_token", "--team", "initech", "--name", "test")
 
-    assert token_authenticate(setup.raw_token) == setup.token
+    assert live_token(setup.raw_token) == setup.token
 
 
 def test_grant_credits_adds_a_grant_entry_and_raises_the_balance(setup: Setup):

@@ -14,8 +14,8 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from billing.models import CreditAccount, LedgerEntry
-from chat.services.vault import vault_decrypt
 from core.models import CustomModel, Group, GroupAgent, Team, Tool, VaultSecret
+from core.vault import secret_value
 
 GROUP_ID = "123e4567-e89b-12d3-a456-426614174000"
 CRM_ENV = "KITEMESH_TEST_CRM_KEY"
@@ -153,9 +153,9 @@ def test_full_config_creates_every_object_with_every_field(db, full_config: Path
 
     upstream_key = VaultSecret.objects.get(team=team, name="upstream-key")
     assert upstream_key.description == "upstream API key"
-    assert vault_decrypt(upstream_key) == "sk-upstream-by-value"
+    assert secret_value(upstream_key) == "sk-upstream-by-value"
     crm_key = VaultSecret.objects.get(team=team, name="crm-key")
-    assert vault_decrypt(crm_key) == "crm-secret-from-env"
+    assert secret_value(crm_key) == "crm-secret-from-env"
 
     brain = CustomModel.objects.get(team=team, name="brain")
     assert brain.provider == "openai"
@@ -235,7 +235,7 @@ def test_changed_fields_are_updated_in_place(db, tmp_path: Path, crm_env: str):
         assert f"updated: {label}" in output
     secret = VaultSecret.objects.get(name="upstream-key")
     assert secret.pk == ids["secret"]
-    assert vault_decrypt(secret) == "sk-rotated"
+    assert secret_value(secret) == "sk-rotated"
     assert secret.rotated_at is not None
     brain = CustomModel.objects.get(name="brain")
     assert (brain.pk, brain.output_per_1k, brain.api_key_secret_id) == (ids["brain"], Decimal("30"), ids["secret"])
@@ -450,7 +450,7 @@ def test_error_late_in_the_file_rolls_back_every_earlier_change(db, tmp_path: Pa
 
     assert db_snapshot() == before
     assert not Team.objects.filter(name="globex").exists()
-    assert vault_decrypt(VaultSecret.objects.get(name="upstream-key")) == "sk-upstream-by-value"
+    assert secret_value(VaultSecret.objects.get(name="upstream-key")) == "sk-upstream-by-value"
     assert CustomModel.objects.get(name="brain").system == "You are the acme brain."
 
 

@@ -12,16 +12,16 @@ from django.db.backends.signals import connection_created
 from tests.conftest import Setup
 from tests.support.helpers import sse_chunks
 
-# A warm request on SQLite: the execution and its hold, after the token is checked live (5: the token's
-# check, execution, the account reserved and locked in one statement, hold, ledger entry); the settlement
-# (5: steps, hold closed, the account charged and released in one statement, release and charge entries in
-# one, the execution's outcome). On PostgreSQL each of the two transactions is those writes as one
-# statement (kitemesh_site.sql): 2. The token, the team and the group's configuration come from the
-# per-process cache.
+# A warm request on SQLite: the execution and its hold, once the configuration is found current (5: the
+# configuration version's check, execution, the account reserved and locked in one statement, hold, ledger
+# entry); the settlement (5: steps, hold closed, the account charged and released in one statement, release
+# and charge entries in one, the execution's outcome). On PostgreSQL each of the two is one statement
+# (billing.ledger_postgresql): 2. The token, the team and the group's configuration come from the worker's
+# cache (chat.services.config_cache).
 WARM_REQUEST = {"sqlite": 10, "postgresql": 2}
-# The first request reads its token (its row, then the instance built from it), its team, its group (no
-# agents, tools or fallbacks), the group's brain and the brain's API key into the per-process cache.
-COLD_READS = 6
+# The first request reads the configuration version, its token, its team, the version again (the group's
+# read checks it too), its group (no agents, tools or fallbacks), the group's brain and the brain's API key.
+COLD_READS = 7
 
 
 @contextmanager
@@ -73,7 +73,8 @@ def test_a_request_runs_a_fixed_number_of_statements(http, setup: Setup, upstrea
     warm_request = WARM_REQUEST[connection.vendor]
     assert len(warm) == warm_request, _summary(warm)
     assert len(cold) == warm_request + COLD_READS, _summary(cold)
-    # Nothing is read but the token's liveness: a statement of its own on SQLite, inside the start on PostgreSQL.
+    # Nothing is read but the configuration's version: a statement of its own on SQLite, inside the start on
+    # PostgreSQL.
     reads = [s for s in warm if s.startswith("SELECT")]
     assert len(reads) == (1 if connection.vendor == "sqlite" else 0), _summary(warm)
-    assert all(r.startswith("SELECT id FROM chat_apitoken WHERE id = %s AND revoked_at IS NULL") for r in reads)
+    assert all(r.startswith('SELECT 1 FROM "core_configversion" WHERE') for r in reads)

@@ -15,8 +15,8 @@ import pytest
 from django.conf import settings as django_settings
 from django.core.management import call_command
 
+from billing.ledger import credits_grant
 from billing.models import CreditAccount, Hold, LedgerEntry
-from billing.services.ledger import credits_grant
 from chat.services.tokens import token_create
 from core.models import CustomModel, Execution, Group, Team, Tool, ToolExecution
 from tests.conftest import Setup

@@ -1,4 +1,4 @@
-"""The configuration a run reads (chat.selectors.group_for_run_load): written-out statements read through
+"""The configuration a run reads (chat.selectors.group_for_run_get): written-out statements read through
 raw(), so these check it against what the ORM reads, and that nothing is left to load lazily."""
 
 from decimal import Decimal
@@ -7,13 +7,14 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from chat.errors import NotFound, PermissionDenied
-from chat.selectors import group_for_run_load, group_list_for_token, team_get
-from chat.services.tokens import token_authenticate, token_create
+from chat.selectors import group_for_run_get, group_list_for_token, team_get
+from chat.services.tokens import token_create
 from chat.services.vault import secret_set
+from core.errors import NotFound, PermissionDenied
 from core.models import ApiToken, CustomModel, Group, GroupAgent, GroupFallback, Team, Tool, VaultSecret
-from kitemesh_site.sql import db_value, sql_instances
+from core.sql import db_value, sql_instances
 from tests.conftest import Setup
+from tests.support.helpers import live_token
 
 
 def _fields(obj) -> dict:
@@ -61,7 +62,7 @@ def test_a_run_reads_its_group_with_agents_tools_and_fallbacks_in_order_and_noth
     hidden = tools[-1]
     token.excluded_tools.add(hidden)
 
-    parts = group_for_run_load(token=token_authenticate(raw=setup.raw_token), group_id=group.id)
+    parts = group_for_run_get(token=live_token(setup.raw_token), group_id=group.id)[1]
     expected = _fields(Group.objects.get(pk=group.pk))
 
     with CaptureQueriesContext(connection) as lazy:
@@ -83,12 +84,12 @@ def test_a_token_that_selects_groups_reaches_only_those(setup: Setup):
     token, _ = token_create(team=setup.team, name="narrow")
     token.groups.add(other)
 
-    assert group_for_run_load(token=token, group_id=other.id).group.name == "other"
+    assert group_for_run_get(token=token, group_id=other.id)[1].group.name == "other"
     with pytest.raises(PermissionDenied):
-        group_for_run_load(token=token, group_id=setup.group.id)
+        group_for_run_get(token=token, group_id=setup.group.id)[1]
     token.excluded_groups.add(other)
     with pytest.raises(PermissionDenied):
-        group_for_run_load(token=token, group_id=other.id)
+        group_for_run_get(token=token, group_id=other.id)[1]
 
 
 def test_a_token_lists_the_groups_its_scope_covers_by_name(setup: Setup):
@@ -110,9 +111,9 @@ def test_another_teams_group_is_not_found(setup: Setup):
     token, _ = token_create(team=outsider, name="outsider")
 
     with pytest.raises(NotFound):
-        group_for_run_load(token=token, group_id=setup.group.id)
+        group_for_run_get(token=token, group_id=setup.group.id)[1]
 
 
 def test_a_missing_team_is_an_error_as_the_orm_would_raise(db):
     with pytest.raises(Team.DoesNotExist):
-        team_get(team_id=10**9)
+        team_get(team_id=10**9, version=0)

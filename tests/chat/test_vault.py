@@ -11,10 +11,10 @@ from django.conf import settings as django_settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db.models import ProtectedError
 
-from chat.services.vault import secret_set, vault_decrypt
+from chat.services.vault import secret_set
 from core import vault
 from core.models import CustomModel, Team, Tool, VaultSecret
-from core.vault import vault_key_check
+from core.vault import secret_value, vault_key_check
 
 PLAINTEXT = "sk-live-plaintext-value-1234567890"
 
@@ -44,7 +44,7 @@ def test_ciphertext_at_rest_never_contains_the_plaintext(team: Team):
 
     assert PLAINTEXT.encode() not in stored
     assert PLAINTEXT[:12].encode() not in stored
-    assert vault_decrypt(VaultSecret.objects.get(pk=secret.pk)) == PLAINTEXT
+    assert secret_value(VaultSecret.objects.get(pk=secret.pk)) == PLAINTEXT
 
 
 def test_same_value_twice_gives_different_ciphertexts(team: Team):
@@ -67,11 +67,11 @@ def test_rotating_keeps_the_row_and_changes_the_value(team: Team):
     assert VaultSecret.objects.filter(team=team).count() == 1
     stored = VaultSecret.objects.get(pk=secret.pk)
     assert bytes(stored.ciphertext) != old_ciphertext
-    assert vault_decrypt(stored) == "sk-rotated"
+    assert secret_value(stored) == "sk-rotated"
     assert stored.rotated_at is not None
     assert stored.description == "CRM"
     model.refresh_from_db()
-    assert vault_decrypt(model.api_key_secret) == "sk-rotated"
+    assert secret_value(model.api_key_secret) == "sk-rotated"
 
 
 def test_setting_the_same_value_again_does_not_re_encrypt(team: Team):
@@ -145,7 +145,7 @@ def test_key_rotation_still_decrypts_values_under_the_old_key(vault_settings, te
 
     use_vault_key(vault_settings, f"{key_b},{key_a}")
 
-    assert vault_decrypt(VaultSecret.objects.get(pk=secret.pk)) == PLAINTEXT
+    assert secret_value(VaultSecret.objects.get(pk=secret.pk)) == PLAINTEXT
     rotated = secret_set(team=team, name="crm-key", value="sk-new")
     assert Fernet(key_b).decrypt(bytes(rotated.ciphertext)) == b"sk-new", "new values use the newest key"
 
@@ -156,7 +156,7 @@ def test_value_under_an_unknown_key_fails_without_leaking_it(vault_settings, tea
     use_vault_key(vault_settings, Fernet.generate_key().decode())
 
     with pytest.raises(ImproperlyConfigured) as excinfo:
-        vault_decrypt(VaultSecret.objects.get(pk=secret.pk))
+        secret_value(VaultSecret.objects.get(pk=secret.pk))
 
     assert "crm-key" in str(excinfo.value)
     assert PLAINTEXT not in str(excinfo.value)

@@ -7,7 +7,7 @@ import time
 from asgiref.sync import SyncToAsync
 from django.db import connections
 
-from kitemesh_site.db import _pool
+from core.db import _pool
 from tests.conftest import Setup
 
 

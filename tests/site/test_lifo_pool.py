@@ -1,4 +1,4 @@
-"""kitemesh_site.db.LifoThreadPool, the API's database threads: the most recently idle thread takes the next
+"""core.db.LifoThreadPool, the API's database threads: the most recently idle thread takes the next
 job, jobs that find every thread busy wait their turn in order, and nothing is lost at shutdown."""
 
 import threading
@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from kitemesh_site.db import LifoThreadPool
+from core.db import LifoThreadPool
 
 WAIT = 10  # seconds; a correct pool answers at once
 

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from chat.services.vault import secret_set
+from core.logs import JsonFormatter, logging_config, request_id_var
 from core.models import Tool
-from kitemesh_site.logs import JsonFormatter, logging_config, request_id_var
 from tests.conftest import UPSTREAM_API_KEY, Setup
 from tests.support.server_process import ServerProcess
 from tests.support.tool_server import ToolResponse, ToolServer

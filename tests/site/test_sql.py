@@ -1,4 +1,4 @@
-"""kitemesh_site.sql, the request path's hand-written statements: what guards them against drifting from
+"""core.sql, the request path's hand-written statements: what guards them against drifting from
 the models, and the cursor they keep per connection."""
 
 import pytest
@@ -6,7 +6,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from billing.models import LedgerEntry
-from kitemesh_site.sql import insert_derived, sql_rows
+from core.sql import insert_derived, sql_rows
 
 
 def test_a_derived_insert_must_give_every_column_of_the_model():
@@ -36,6 +36,5 @@ def test_statements_are_logged_when_django_logs_queries():
 
 @pytest.mark.django_db
 def test_placeholders_and_escaped_percent_signs_survive_the_statement_being_run_again():
-    # On SQLite the `%s` to `?` conversion of a statement's text is cached (kitemesh_site.sqlite3).
     for value in ("5", "6"):
         assert sql_rows("SELECT %s || '%%'", [value]) == [(f"{value}%",)]

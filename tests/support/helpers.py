@@ -36,3 +36,11 @@ def credits(http: httpx.Client, setup: Any) -> dict:
     response = http.get("/v1/credits", headers=setup.headers)
     assert response.status_code == 200, response.text
     return response.json()
+
+
+def live_token(raw: str):
+    """The live ApiToken of a bearer secret, or None (chat.services.tokens.token_authenticate's token)."""
+    from chat.services.tokens import token_authenticate
+
+    found = token_authenticate(raw)
+    return found[1] if found else None

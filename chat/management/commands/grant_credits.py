@@ -1,7 +1,7 @@
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from billing.services.ledger import credits_grant
-from chat.errors import ApiError
+from billing.ledger import credits_grant
+from core.errors import KiteMeshError
 from core.models import Team
 
 
@@ -19,6 +19,6 @@ class Command(BaseCommand):
             raise CommandError(f"No team named {team!r}")
         try:
             entry = credits_grant(team=team_obj, amount=amount, reason=reason)
-        except ApiError as exc:
+        except KiteMeshError as exc:
             raise CommandError(exc.message) from exc
         self.stdout.write(f"granted {amount} credits to {team}; balance {entry.balance_after}")

@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand
 
-from chat.services.recovery import sweep
+from approvals.recovery import sweep
 
 
 class Command(BaseCommand):

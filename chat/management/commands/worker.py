@@ -7,7 +7,7 @@ from django.core.management.base import BaseCommand, CommandParser
 from django.db import close_old_connections
 from django_tasks_db.models import DBTaskResult
 
-from chat.services.recovery import sweep_task
+from approvals.recovery import sweep_task
 
 
 class Command(BaseCommand):

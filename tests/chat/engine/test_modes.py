@@ -19,9 +19,9 @@ import pytest
 from django.conf import settings as django_settings
 from django.core.management import call_command
 
+from billing.ledger import credits_grant
 from billing.models import CreditAccount, Hold, LedgerEntry
-from billing.services.ledger import credits_grant
-from chat.engine.modes import AGENT_CONCURRENCY
+from chat.engine.agents import AGENT_CONCURRENCY
 from chat.services.tokens import token_create
 from chat.services.vault import secret_set
 from core.models import Approval, CustomModel, Execution, Group, GroupAgent, Step, Team, Tool, ToolExecution

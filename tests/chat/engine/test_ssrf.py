@@ -10,9 +10,9 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 
 import pytest
 
-from chat.engine.ssrf import DestinationBlocked, Resolver, destination_check
 from chat.engine.tools import ToolResult, tool_call_run
 from core.models import Tool
+from core.ssrf import DestinationBlocked, Resolver, destination_check
 from tests.support.tool_server import ToolResponse, ToolServer
 
 

@@ -11,13 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from chat.engine.ssrf import Resolver
 from chat.engine.tools import (
     MAX_BODY_BYTES,
     TRUNCATED_MARK,
     ToolArgumentsInvalid,
     ToolResult,
-    arguments_redact,
     tool_arguments_parse,
     tool_call_run,
     tool_risk,
@@ -25,6 +23,8 @@ from chat.engine.tools import (
 )
 from chat.services.vault import secret_set
 from core.models import Team, Tool
+from core.redaction import arguments_redact
+from core.ssrf import Resolver
 from tests.support.tool_server import ToolResponse, ToolServer, tls_context_make
 
 SECRET = "crm-secret-value-do-not-leak-7f3a"

@@ -8,9 +8,9 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.utils.decorators import sync_and_async_middleware
 
-from chat.errors import RequestTooLarge
-from chat.wire import error_response, request_id_new
-from kitemesh_site.logs import request_id_var
+from core.envelope import error_response, request_id_new
+from core.errors import RequestTooLarge
+from core.logs import request_id_var
 
 API_PREFIXES = ("/v1/",)
 

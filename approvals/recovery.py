@@ -1,11 +1,10 @@
 """Crash recovery (SPEC §7): a run whose process died is finished by whoever finds it — the sweep, or any
 read or resume of its execution or approval. A working run renews a lease on its execution
-(chat.engine.runner); a running execution whose lease lapsed has no process left."""
+(chat.engine.run.lease_renewals); a running execution whose lease lapsed has no process left."""
 
 import logging
 import uuid
 from dataclasses import asdict, dataclass
-from decimal import Decimal
 
 from django.db import transaction
 from django.db.models import Q
@@ -15,8 +14,7 @@ from django_tasks import task
 from approvals.selectors import approval_for_token_get
 from approvals.services import approval_interrupt, approvals_expire_due
 from approvals.webhooks import webhook_deliveries_requeue
-from billing.models import Hold
-from billing.services.ledger import hold_settle
+from billing.ledger import holds_settle, steps_cost
 from core.models import ApiToken, Approval, Execution, Step, ToolExecution
 
 logger = logging.getLogger(__name__)
@@ -52,7 +50,7 @@ def execution_recover(*, execution_id: uuid.UUID) -> bool:
         )
         steps = list(Step.objects.filter(execution=execution, settled=False))
         Step.objects.filter(pk__in=[s.pk for s in steps]).update(settled=True)
-        execution.credits_charged += _holds_settle(execution, sum((s.cost for s in steps), Decimal(0)))
+        execution.credits_charged += holds_settle(execution_id=execution.pk, cost=steps_cost(steps))
         execution.prompt_tokens += sum(s.prompt_tokens for s in steps)
         execution.completion_tokens += sum(s.completion_tokens for s in steps)
         execution.lease_expires_at = None
@@ -77,15 +75,6 @@ def execution_recover(*, execution_id: uuid.UUID) -> bool:
         )
     logger.warning("run %s recovered after its process stopped (%s)", execution_id, execution.status)
     return True
-
-
-def _holds_settle(execution: Execution, cost: Decimal) -> int:
-    """Settle the run's active hold (a running execution has one at most) for `cost`; the credits charged."""
-    charged = 0
-    for hold in Hold.objects.filter(execution=execution, status=Hold.Status.ACTIVE):
-        charged += hold_settle(hold=hold, cost=cost)
-        cost = Decimal(0)
-    return charged
 
 
 def execution_recover_if_lapsed(*, execution: Execution) -> bool:

@@ -1,10 +1,9 @@
-"""Errors that reach API clients. Each carries its place in the SPEC's error table; chat.wire renders
-them into the one error envelope."""
+"""Domain errors: what went wrong, in words a client can act on, with the field at fault (`param`) and a
+stable `code`. They carry no HTTP status: core.envelope maps each kind to the SPEC's status and error
+type, in one place."""
 
 
-class ApiError(Exception):
-    status = 400
-    type = "invalid_request_error"
+class KiteMeshError(Exception):
     code = "invalid_request_error"
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
@@ -15,54 +14,43 @@ class ApiError(Exception):
             self.code = code
 
 
-class InvalidRequest(ApiError):
-    pass
+class InvalidRequest(KiteMeshError):
+    code = "invalid_request_error"
 
 
-class AuthenticationError(ApiError):
-    status = 401
-    type = "authentication_error"
+class AuthenticationError(KiteMeshError):
     code = "authentication_error"
 
 
-class InsufficientCredits(ApiError):
-    status = 402
-    type = "insufficient_credits"
+class InsufficientCredits(KiteMeshError):
     code = "insufficient_credits"
 
 
-class PermissionDenied(ApiError):
-    status = 403
-    type = "permission_error"
+class PermissionDenied(KiteMeshError):
     code = "permission_denied"
 
 
-class NotFound(ApiError):
-    status = 404
-    type = "not_found_error"
+class NotFound(KiteMeshError):
     code = "not_found"
 
 
-class Conflict(ApiError):
-    status = 409
-    type = "conflict_error"
+class MethodNotAllowed(KiteMeshError):
+    code = "method_not_allowed"
+
+
+class Conflict(KiteMeshError):
     code = "conflict"
 
 
-class Gone(ApiError):
-    status = 410
-    type = "approval_expired"
+class Expired(KiteMeshError):
     code = "approval_expired"
 
 
-class RequestTooLarge(ApiError):
-    status = 413
+class RequestTooLarge(KiteMeshError):
     code = "request_too_large"
 
 
-class RateLimited(ApiError):
-    status = 429
-    type = "rate_limit_error"
+class RateLimited(KiteMeshError):
     code = "rate_limit_exceeded"
 
     def __init__(self, message: str, *, retry_after: int) -> None:
@@ -70,22 +58,17 @@ class RateLimited(ApiError):
         self.retry_after = retry_after  # seconds, sent as the Retry-After header
 
 
-class UpstreamError(ApiError):
-    status = 502
-    type = "upstream_error"
+class UpstreamError(KiteMeshError):
     code = "upstream_error"
 
 
 class UpstreamTimeout(UpstreamError):
-    status = 504
     code = "upstream_timeout"
 
 
-class InternalError(ApiError):
+class InternalError(KiteMeshError):
     """A failure nobody planned for. Its details go to the log, never to the client."""
 
-    status = 500
-    type = "server_error"
     code = "internal_error"
 
     def __init__(self, message: str = "The server failed to process the request.") -> None:

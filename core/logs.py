@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 LOG_FORMATS = ("text", "json")
 REDACTED = "[redacted]"
 
-# The id of the API request served in this context (its X-Request-ID), set by kitemesh_site.middleware.
+# The id of the API request served in this context (its X-Request-ID), set by core.middleware.
 # A context variable, not a thread-local: async views, their streams and sync_to_async threads all see it.
 request_id_var: ContextVar[str | None] = ContextVar("kitemesh_request_id", default=None)
 

@@ -9,6 +9,7 @@ end)."""
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from django.db import DEFAULT_DB_ALIAS, connections
@@ -57,6 +58,33 @@ def sql_instances(model: type[M], statement: str, params: Sequence[Any]) -> list
     converted as the ORM converts them, any other column set as an attribute (Django's raw(), which
     compiles no query)."""
     return list(model._default_manager.raw(statement, params))
+
+
+def table(model: type[Model]) -> str:
+    """The model's table name, quoted for this database."""
+    return _db().ops.quote_name(model._meta.db_table)
+
+
+@dataclass(frozen=True)
+class Guard:
+    """A condition a write must still find true when it runs: the row `pk` of `model` still has `value`
+    in `field` (an optimistic check: the row was read earlier, out of any transaction)."""
+
+    model: type[Model]
+    pk: Any
+    field: str
+    value: Any
+
+    def sql(self) -> tuple[str, list[Any]]:
+        """A query that returns a row only while the guard holds."""
+        meta, quote = self.model._meta, _db().ops.quote_name
+        column = quote(meta.get_field(self.field).column)
+        statement = f"SELECT 1 FROM {table(self.model)} WHERE {quote(meta.pk.column)} = %s AND {column} = %s"
+        return statement, [db_value(self.model, meta.pk.name, self.pk), db_value(self.model, self.field, self.value)]
+
+
+def guard_holds(guard: Guard) -> bool:
+    return bool(sql_rows(*guard.sql()))
 
 
 def for_update() -> str:

@@ -1,0 +1,49 @@
+"""A tool call and an approval as the API shows them (GET /v1/approvals/{id}), with arguments redacted; the
+approver page shows the same."""
+
+import json
+from urllib.parse import urlsplit
+
+from core.models import Approval, ToolExecution
+from core.redaction import arguments_redact
+from core.timestamps import iso
+
+
+def tool_execution_body(te: ToolExecution) -> dict:
+    """A tool call as approvers and clients see it: where it goes, with secrets redacted."""
+    url = urlsplit(te.tool.url) if te.tool else None
+    try:
+        arguments = json.loads(te.arguments)
+    except ValueError:
+        arguments = {"_unparsed": "[not valid JSON]"}
+    if te.tool and isinstance(arguments, dict):
+        arguments = arguments_redact(te.tool, arguments)
+    return {
+        "id": str(te.id),
+        "tool": te.tool_name,
+        "method": te.tool.method if te.tool else None,
+        "host": url.hostname if url else None,
+        "path": url.path if url else None,
+        "arguments": arguments,
+        "risk": te.risk,
+        "requires_approval": te.requires_approval,
+        "status": te.status,
+        "decision": te.decision,
+        "reason": te.decision_reason,
+        "decided_by": te.decided_by or None,
+        "decided_via": te.decided_via or None,
+        "decided_at": iso(te.decided_at),
+    }
+
+
+def approval_body(approval: Approval) -> dict:
+    return {
+        "object": "approval",
+        "id": str(approval.id),
+        "status": approval.status,
+        "execution_id": str(approval.execution_id),
+        "model": f"group:{approval.group_id}",
+        "created_at": iso(approval.created_at),
+        "expires_at": iso(approval.expires_at),
+        "tool_executions": [tool_execution_body(te) for te in approval.tool_executions.all()],
+    }

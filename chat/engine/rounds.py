@@ -1,0 +1,173 @@
+"""A round of tool calls the brain asked for: recorded as tool executions, run (in parallel, each exactly
+once, delegations to agents included) or paused for approval, and answered to the model as tool messages
+in the order it asked. A round resumed after a crash keeps what completed and does not send a call whose
+outcome is unknown again, unless its tool is idempotent."""
+
+import asyncio
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+
+from approvals.services import approval_pause
+from billing.pricing import tools_price
+from chat.engine.agents import Agent
+from chat.engine.modes.orchestration import DELEGATE_TOOL, delegate_spec, delegations_run
+from chat.engine.providers import ModelReply
+from chat.engine.run import Pause, Progress, Run
+from chat.engine.tools import (
+    ToolArgumentsInvalid,
+    ToolResult,
+    tool_arguments_parse,
+    tool_call_run,
+    tool_risk,
+    tool_spec,
+)
+from chat.services.executions import tool_execution_finish, tool_execution_start
+from core.db import in_db_thread
+from core.models import Mode, Tool, ToolExecution
+
+_CALL_ID_LENGTH = ToolExecution._meta.get_field("call_id").max_length
+_TOOL_NAME_LENGTH = ToolExecution._meta.get_field("tool_name").max_length
+_COMPLETED = (ToolExecution.Status.SUCCEEDED, ToolExecution.Status.FAILED)
+UNKNOWN_OUTCOME = (
+    "The outcome of this tool call is unknown: KiteMesh stopped while sending it, so it may or may not have "
+    "taken effect. It was not sent again."
+)
+
+
+def arguments_hash(arguments: str) -> str:
+    return hashlib.sha256(arguments.encode()).hexdigest()
+
+
+def tool_specs(tools: Iterable[Tool], mode: str, agents: dict[str, Agent]) -> list[dict]:
+    """What the brain is offered: the group's tools the token may use, and in orchestration the delegate."""
+    specs = [tool_spec(t) for t in tools]
+    if mode == Mode.ORCHESTRATION:
+        specs.append(delegate_spec(list(agents.values())))
+    return specs
+
+
+def round_record(run: Run, reply: ModelReply) -> list[ToolExecution]:
+    """The brain's tool calls as tool executions (not saved yet), and its message in the conversation.
+    A call without an id, or with one longer than its column, gets one of ours (in both)."""
+    for call in reply.tool_calls:
+        if not call["id"] or len(call["id"]) > _CALL_ID_LENGTH:
+            call["id"] = f"call_{uuid.uuid4().hex[:12]}"
+    run.messages.append({"role": "assistant", "content": reply.content, "tool_calls": reply.tool_calls})
+    return [_tool_execution(run, call) for call in reply.tool_calls]
+
+
+def _tool_execution(run: Run, call: dict) -> ToolExecution:
+    name = call["function"]["name"]
+    tool = run.tools.get(name)
+    arguments = call["function"]["arguments"] or "{}"
+    needs_approval = bool(tool and tool.requires_approval)
+    return ToolExecution(
+        execution=run.execution,
+        tool=tool,
+        tool_name=name[:_TOOL_NAME_LENGTH],  # a longer name is no tool's: the model is told so
+        call_id=call["id"],
+        arguments=arguments,
+        arguments_hash=arguments_hash(arguments),
+        requires_approval=needs_approval,
+        risk=tool_risk(tool) if tool else (Tool.Risk.LOW if name == DELEGATE_TOOL else Tool.Risk.HIGH),
+        status=ToolExecution.Status.PENDING if needs_approval else ToolExecution.Status.APPROVED,
+        decided_via="" if needs_approval else ToolExecution.DecidedVia.AUTO,
+    )
+
+
+async def tools_run(run: Run, calls: list[ToolExecution]) -> AsyncIterator[Progress]:
+    """Run the approved calls and delegations (in parallel, each exactly once), tell the model about the
+    denied and the unknown ones; tool messages follow in the order the model asked."""
+    await run.reserve(tools_price([c.tool for c in calls if _will_send(c)]))
+    delegations = [c for c in calls if c.tool_name == DELEGATE_TOOL and run.mode == Mode.ORCHESTRATION]
+    contents: dict[uuid.UUID, str] = {}
+    if delegations:
+        async for progress in delegations_run(run, delegations, contents):
+            yield progress
+    others = [c for c in calls if c.id not in contents]
+    for call, content in zip(others, await asyncio.gather(*(tool_message(run, c) for c in others)), strict=True):
+        contents[call.id] = content
+    for call in calls:
+        run.messages.append({"role": "tool", "tool_call_id": call.call_id, "content": contents[call.id]})
+
+
+async def tool_message(run: Run, call: ToolExecution) -> str:
+    """What the model is told of one call: its result, sending it first when it is due to be sent."""
+    if call.tool is None:
+        return json.dumps({"error": f"There is no tool named {call.tool_name!r} for this request."})
+    if call.status == ToolExecution.Status.DENIED:
+        reason = f": {call.decision_reason}" if call.decision_reason else ""
+        return json.dumps({"error": f"The tool call was denied by {call.decided_by or 'the approver'}{reason}"})
+    if call.status in _COMPLETED:  # before a crash: its result is kept, it is not sent again
+        return _recorded_result(call).model_content()
+    if not _will_send(call):
+        return json.dumps({"error": UNKNOWN_OUTCOME})
+    if not await run.db(tool_execution_start, tool_execution=call):
+        return json.dumps({"error": "This tool call was already run."})
+    started = time.monotonic()
+    result = await _tool_result(call)
+    run.step_tool(call, call.tool, result, started)
+    await run.db(
+        tool_execution_finish,
+        tool_execution=call,
+        ok=result.ok,
+        status_code=result.status_code,
+        body=result.body,
+        error=result.error,
+    )
+    return result.model_content()
+
+
+def _will_send(call: ToolExecution) -> bool:
+    """Approved and not yet sent, or (an idempotent tool's) sent before a crash with no known outcome."""
+    Status = ToolExecution.Status
+    return call.status == Status.APPROVED or (
+        call.status == Status.UNKNOWN and call.tool is not None and call.tool.idempotent
+    )
+
+
+def _recorded_result(call: ToolExecution) -> ToolResult:
+    return ToolResult(
+        sent=call.response_status is not None,
+        status_code=call.response_status,
+        body=call.response_body,
+        error=call.error,
+    )
+
+
+async def _tool_result(call: ToolExecution) -> ToolResult:
+    """What was approved is what is sent: the stored arguments, re-checked against their hash."""
+    if arguments_hash(call.arguments) != call.arguments_hash:
+        return ToolResult(sent=False, status_code=None, body="", error="The arguments changed after approval.")
+    try:
+        arguments = tool_arguments_parse(call.tool, call.arguments)
+    except ToolArgumentsInvalid as exc:
+        return ToolResult(sent=False, status_code=None, body="", error=f"Invalid arguments, not sent: {exc}")
+    return await tool_call_run(tool=call.tool, arguments=arguments, idempotency_key=str(call.id))
+
+
+async def pause(run: Run, calls: list[ToolExecution]) -> Pause:
+    """Stop at a round that needs decisions: settle what the run used, keep the round and the
+    conversation with an approval, and answer the calls that wait (each id its tool execution's)."""
+    waiting = [c for c in calls if c.requires_approval]
+    tool_calls = [
+        {"id": str(c.id), "type": "function", "function": {"name": c.tool_name, "arguments": c.arguments}}
+        for c in waiting
+    ]
+    response = run.body({"role": "assistant", "content": None, "tool_calls": tool_calls}, "tool_calls")
+    paused = await in_db_thread(  # (the pause writes the run's steps itself, with its settlement)
+        approval_pause,
+        execution=run.execution,
+        group=run.group,
+        hold=run.hold,
+        steps=run.steps,
+        steps_written=run.steps_written,
+        tool_executions=calls,
+        state={"messages": run.messages, "params": run.params, "mode": run.mode},
+        hold_amount=tools_price([c.tool for c in calls]),
+        response=response,
+    )
+    return Pause(approval=paused.approval, response=response)

@@ -1,0 +1,169 @@
+"""How a run begins: a new request (its mode, conversation, parameters and first hold, sized from its group's
+configuration as this worker keeps it and recorded only while that configuration is current), a replay of a
+client's request_id, or a resume that continues a paused run from its decided round."""
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from django.conf import settings
+
+from approvals.resume import ResumeClaim, approval_resume_claim
+from chat.engine.agents import agents_of
+from chat.engine.holds import first_hold, resume_hold
+from chat.engine.modes.auto import mode_resolve
+from chat.engine.providers import ModelEndpoint
+from chat.engine.rounds import tool_specs
+from chat.engine.run import Run
+from chat.selectors import GroupForRun, group_for_run_cached, group_for_run_get, model_endpoint_get
+from chat.services.executions import ExecutionStart, execution_finish, execution_start
+from chat.services.tokens import token_reload
+from chat.wire import ChatRequest, ResumeRequest
+from core.config_version import config_guard
+from core.db import db_future, in_db_thread
+from core.errors import Conflict
+from core.models import ApiToken, Approval, CustomModel, Execution, Group, Mode
+
+_ATTEMPTS = 4  # starts refused because the configuration changed meanwhile, before the client is told to retry
+
+
+@dataclass
+class Replay:
+    """An earlier execution with the same request_id and body: its result is answered again."""
+
+    execution: Execution
+
+    def body(self) -> dict:
+        return self.execution.response  # a run that never answered does not keep its request_id
+
+
+async def run_start(*, token: ApiToken, token_version: int, request: ChatRequest, request_id: str) -> Run | Replay:
+    """Start the request's run, or find the earlier one its request_id names. `token` was read at
+    configuration version `token_version`. When the configuration changed since this worker read it (a token
+    revoked, a group edited), nothing is written: the token and the group are read again and the run sized
+    again."""
+    for _ in range(_ATTEMPTS):
+        version, parts = group_for_run_cached(token=token, group_id=request.group_id) or await in_db_thread(
+            group_for_run_get, token=token, group_id=request.group_id
+        )
+        run = _run_sized(token, parts, request, request_id)
+        started = await _started(
+            execution_start,
+            token=token,
+            group=parts.group,
+            mode=run.mode,
+            request_id=request_id,
+            client_request_id=request.request_id is not None,
+            body_hash=request.body_hash,
+            stream=request.stream,
+            metadata={**request.metadata, "requested_mode": request.mode or parts.group.mode},
+            hold_amount=_first_hold(run),
+            guard=config_guard(min(version, token_version)),
+        )
+        if started is None:
+            token_version, token = await in_db_thread(token_reload, token=token)
+            continue
+        if started.replayed:
+            return Replay(started.execution)
+        run.execution, run.hold = started.execution, started.hold
+        return run
+    raise Conflict("The group's configuration kept changing while the request started; retry.", code="config_changed")
+
+
+def _run_sized(token: ApiToken, parts: GroupForRun, request: ChatRequest, request_id: str) -> Run:
+    """The run a request asks for, before its execution is recorded."""
+    group, brain = parts.group, parts.group.brain
+    mode = mode_resolve(group, request.mode, has_agents=bool(parts.agents), has_tools=bool(parts.tools))
+    return Run(
+        execution=Execution(token=token, group=group),  # until execution_start records the run's own
+        hold=None,
+        group=group,
+        request=request,
+        request_id=request_id,
+        brains=_brains(brain, parts.fallbacks),
+        messages=([{"role": "system", "content": brain.system}] if brain.system else []) + request.messages,
+        params={**request.upstream_params(), "max_tokens": _max_tokens(group, request)},
+        tools={t.name: t for t in parts.tools},
+        mode=mode,
+        agents=agents_of(parts.agents) if mode != Mode.NORMAL else {},
+    )
+
+
+def _first_hold(run: Run) -> int:
+    return first_hold(
+        brain=run.group.brain,
+        messages=run.messages,
+        conversation=run.request.messages,
+        specs=tool_specs(run.tools.values(), run.mode, run.agents),
+        max_tokens=run.params["max_tokens"],
+        agents=run.agents,
+        mode=run.mode,
+    )
+
+
+def _max_tokens(group: Group, request: ChatRequest) -> int:
+    return request.max_tokens or group.max_output_tokens or settings.KITEMESH_DEFAULT_MAX_OUTPUT_TOKENS
+
+
+def _brains(brain: CustomModel, fallbacks: list[CustomModel]) -> list[tuple[CustomModel, ModelEndpoint]]:
+    return [(model, model_endpoint_get(model)) for model in [brain, *fallbacks]]
+
+
+async def _started(start: Callable[..., ExecutionStart | None], **kwargs) -> ExecutionStart | None:
+    """`start(**kwargs)` in a database thread, seen through when the client goes away meanwhile: the
+    execution it records is then settled as cancelled at once, its hold released, rather than left running
+    for the stale-hold sweep."""
+    recording = db_future(start, **kwargs)
+    try:
+        return await asyncio.shield(recording)
+    except asyncio.CancelledError:
+        started = None
+        with contextlib.suppress(Exception):  # refused or failed: nothing was recorded
+            started = await recording
+        if started is not None and not started.replayed:
+            cancelled = Execution.Status.CANCELLED
+            await in_db_thread(
+                execution_finish, execution=started.execution, hold=started.hold, steps=[], status=cancelled
+            )
+        raise
+
+
+async def run_resume(*, token: ApiToken, approval: Approval, resume: ResumeRequest, request_id: str) -> Run:
+    """Claim the paused run for this resume (its decisions applied, its hold taken: 402 leaves the approval
+    waiting) and continue it: the round's decided calls run first, then the resume's messages follow and the
+    loop goes on. The group is read at the current configuration."""
+    _, parts = await in_db_thread(group_for_run_get, token=token, group_id=approval.group_id)
+    state, chat = approval.state, resume.chat
+    mode = state.get("mode", Mode.NORMAL)
+    agents = agents_of(parts.agents) if mode != Mode.NORMAL else {}
+    max_tokens = chat.max_tokens or state["params"]["max_tokens"]
+    claim: ResumeClaim = await in_db_thread(
+        approval_resume_claim,
+        token=token,
+        approval=approval,
+        tools_in_scope={tool.pk for tool in parts.tools},
+        approved=resume.approved,
+        denied=resume.denied,
+        hold_amount_for=resume_hold(
+            brain=parts.group.brain,
+            messages=state["messages"] + chat.messages,
+            specs=tool_specs(parts.tools, mode, agents),
+            max_tokens=max_tokens,
+            agents=agents if mode == Mode.ORCHESTRATION else {},
+        ),
+    )
+    return Run(
+        execution=claim.execution,
+        hold=claim.hold,
+        group=parts.group,
+        request=chat,
+        request_id=request_id,
+        brains=_brains(parts.group.brain, parts.fallbacks),
+        messages=state["messages"],
+        params={**state["params"], **chat.upstream_params(), "max_tokens": max_tokens},
+        tools={t.name: t for t in parts.tools},
+        mode=mode,
+        agents=agents,
+        resumed_round=claim.tool_executions,
+    )
