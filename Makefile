@@ -40,6 +40,7 @@ test: $(VENV)/.installed-dev
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 # `make fault`: the seeded fault run (tests/fault/run.py) on PostgreSQL, at most 5 minutes; it drops and
 # creates the database kitemesh_fault. FAULT_ARGS="--seed N --seconds S" repeats a run or shortens it.

@@ -144,7 +144,7 @@ def approval_queue_list(*, team_ids: list[int]) -> list[QueueItem]:
 
 @dataclass
 class CallView:
-    """A tool execution of the round, as the API shows it (chat.wire), plus what it costs."""
+    """A tool execution of the round, as the API shows it (approvals.bodies), plus what it costs."""
 
     tool_execution: ToolExecution
     body: dict  # tool_execution_body: tool, method, host, path, redacted arguments, risk, decision…

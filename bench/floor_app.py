@@ -19,7 +19,7 @@ import kitemesh_site.asgi as site
 from chat.api import ChatCompletionCreateApi, _body, _json_response
 from chat.engine.providers import provider_for
 from chat.selectors import GroupForRun, group_for_run_cached, group_for_run_get, model_endpoint_get
-from chat.wire import chat_request_parse
+from chat.wire.requests import chat_request_parse
 from core.db import in_db_thread
 from kitemesh_site.urls import urlpatterns as site_urlpatterns
 

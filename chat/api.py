@@ -34,14 +34,9 @@ from chat.openapi import (
 from chat.selectors import execution_for_token_get, group_list_for_token
 from chat.services.rate_limits import request_admit, stream_admit, stream_release
 from chat.services.tokens import token_authenticate, token_error_first, token_recent
-from chat.wire import (
-    ChatRequest,
-    body_parse,
-    chat_request_parse,
-    client_request_id,
-    execution_body,
-    resume_request_parse,
-)
+from chat.wire.body import body_parse, client_request_id
+from chat.wire.requests import ChatRequest, chat_request_parse, resume_request_parse
+from chat.wire.responses import execution_body
 from core.db import connections_upkeep, in_db_thread
 from core.envelope import error_response
 from core.errors import InvalidRequest, NotFound

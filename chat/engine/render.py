@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from chat.engine.modes.normal import run_events
 from chat.engine.run import Answer, Pause, Progress, Run, lease_renewals
-from chat.wire import SSE_DONE, chunk_body, sse_event
+from chat.wire.responses import SSE_DONE, chunk_body, sse_event
 from core.envelope import error_body
 from core.models import Execution
 

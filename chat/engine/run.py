@@ -19,7 +19,8 @@ from chat.engine.providers import ModelEndpoint, ModelReply, Usage
 from chat.engine.tools import ToolResult
 from chat.metrics import tool_run_count, upstream_call_observe
 from chat.services.executions import execution_finish
-from chat.wire import ChatRequest, completion_body
+from chat.wire.requests import ChatRequest
+from chat.wire.responses import completion_body
 from core.db import db_future, in_db_thread
 from core.envelope import random_hex
 from core.errors import InternalError, KiteMeshError

@@ -19,7 +19,7 @@ from chat.engine.run import Run
 from chat.selectors import GroupForRun, group_for_run_cached, group_for_run_get, model_endpoint_get
 from chat.services.executions import ExecutionStart, execution_finish, execution_start
 from chat.services.tokens import token_reload
-from chat.wire import ChatRequest, ResumeRequest
+from chat.wire.requests import ChatRequest, ResumeRequest
 from core.config_version import config_guard
 from core.db import db_future, in_db_thread
 from core.errors import Conflict
