@@ -9,8 +9,22 @@ from core.redaction import arguments_redact
 from core.timestamps import iso
 
 
+def tool_execution_decision(te: ToolExecution) -> dict:
+    """A tool call and its decision: what a webhook event tells of it."""
+    return {
+        "id": str(te.id),
+        "tool": te.tool_name,
+        "risk": te.risk,
+        "decision": te.decision,
+        "decided_by": te.decided_by or None,
+        "decided_via": te.decided_via or None,
+        "decided_at": iso(te.decided_at),
+    }
+
+
 def tool_execution_body(te: ToolExecution) -> dict:
-    """A tool call as approvers and clients see it: where it goes, with secrets redacted."""
+    """A tool call as approvers and clients see it: its decision, where it goes, its arguments with secrets
+    redacted."""
     url = urlsplit(te.tool.url) if te.tool else None
     try:
         arguments = json.loads(te.arguments)
@@ -19,20 +33,14 @@ def tool_execution_body(te: ToolExecution) -> dict:
     if te.tool and isinstance(arguments, dict):
         arguments = arguments_redact(te.tool, arguments)
     return {
-        "id": str(te.id),
-        "tool": te.tool_name,
+        **tool_execution_decision(te),
         "method": te.tool.method if te.tool else None,
         "host": url.hostname if url else None,
         "path": url.path if url else None,
         "arguments": arguments,
-        "risk": te.risk,
         "requires_approval": te.requires_approval,
         "status": te.status,
-        "decision": te.decision,
         "reason": te.decision_reason,
-        "decided_by": te.decided_by or None,
-        "decided_via": te.decided_via or None,
-        "decided_at": iso(te.decided_at),
     }
 
 

@@ -12,7 +12,6 @@ import logging
 import secrets
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 import httpx
 from django.conf import settings
@@ -21,8 +20,10 @@ from django.db import transaction
 from django.utils import timezone
 from django_tasks import task
 
+from approvals.bodies import tool_execution_decision
 from core.models import Approval, Group, ToolExecution, VaultSecret, WebhookDelivery
-from core.ssrf import DestinationBlocked, IPAddress, destination_check, literal_address
+from core.pinned_http import pinned_send
+from core.ssrf import DestinationBlocked, IPAddress, destination_check
 from core.timestamps import iso
 from core.vault import secret_value
 
@@ -57,18 +58,7 @@ def webhook_payload(*, event_type: str, approval: Approval, tool_executions: lis
         "expires_at": iso(approval.expires_at),
         "team": approval.team.name,
         "group": {"id": str(approval.group_id), "name": approval.group.name, "model": approval.group.model_id},
-        "tool_executions": [
-            {
-                "id": str(te.id),
-                "tool": te.tool_name,
-                "risk": te.risk,
-                "decision": te.decision,
-                "decided_via": te.decided_via or None,
-                "decided_by": te.decided_by or None,
-                "decided_at": iso(te.decided_at),
-            }
-            for te in tool_executions
-        ],
+        "tool_executions": [tool_execution_decision(te) for te in tool_executions],
     }
 
 
@@ -222,27 +212,17 @@ async def _attempt(url: str, body: bytes, headers: dict[str, str]) -> _Outcome:
 
 
 async def _post_pinned(url: str, body: bytes, headers: dict[str, str], addresses: list[IPAddress]) -> int:
-    """POST to the first checked address that accepts a connection (DNS is not asked again, so it cannot
-    change between the check and the use); the Host header and TLS server name stay the URL's."""
-    target = httpx.URL(url)
-    host = target.raw_host.decode("ascii")
-    extensions: dict[str, Any] = {"timeout": httpx.Timeout(settings.KITEMESH_WEBHOOK_TIMEOUT_SECONDS).as_dict()}
-    if target.scheme == "https" and literal_address(host) is None:
-        extensions["sni_hostname"] = host
-    headers = {"Host": target.netloc.decode("ascii"), **headers}
+    """POST to the checked addresses (core.pinned_http); the status is the answer, the body is not read."""
     # No proxies or .netrc from the environment, no redirects: the checked address is the only one reached.
     async with httpx.AsyncClient(trust_env=False, follow_redirects=False) as client:
-        error: httpx.ConnectError | None = None
-        for ip in addresses:
-            request = httpx.Request(
-                "POST", target.copy_with(host=str(ip)), headers=headers, content=body, extensions=extensions
-            )
-            try:
-                response = await client.send(request, stream=True)
-            except httpx.ConnectError as exc:
-                error = exc
-                continue
-            await response.aclose()  # the status is the answer; the body is not read
-            return response.status_code
-        assert error is not None  # destination_check never returns an empty list
-        raise error
+        response = await pinned_send(
+            client,
+            "POST",
+            httpx.URL(url),
+            addresses,
+            headers=headers,
+            content=body,
+            timeout=settings.KITEMESH_WEBHOOK_TIMEOUT_SECONDS,
+        )
+        await response.aclose()
+        return response.status_code

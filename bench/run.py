@@ -5,11 +5,16 @@ Each server under test is one uvicorn worker pinned to CPU 0, measured by driver
 to CPU 1. The non-stream scenarios are interleaved across the servers in rounds; the others run one server at
 a time. Durations come from the environment (BENCH_DURATION, …, see Settings); `--quick` is a
 smoke run that writes bench/.run/results-quick.* instead.
+
+Two A/B options add columns measured in the same interleaved rounds, so the VM's drift hits both sides alike:
+`--baseline REF` serves KiteMesh as of commit REF beside the working tree's (its own database; the approval
+scenario too), and `--variants a,b` serves each factory of bench/variants.py on KiteMesh's database.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -39,6 +44,10 @@ PYTHON = sys.executable  # the project venv's python: `make bench` runs us with 
 LITELLM = BENCH_DIR / ".litellm-venv" / "bin" / "litellm"
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 POSTGRES_DB = "kitemesh_bench"
+BASELINE_DIR = RUN_DIR / "baseline"
+BASELINE_DB = "kitemesh_bench_baseline"
+# pyproject.toml's packages: the venv's editable install maps each to this checkout.
+PROJECT_PACKAGES = ("kitemesh_site", "core", "chat", "approvals", "billing")
 GROUPS = {
     "chat_group": "00000000-0000-4000-8000-00000000b001",
     "slow_group": "00000000-0000-4000-8000-00000000b002",
@@ -110,6 +119,7 @@ class Target:
     slow: Endpoint
     approval: Endpoint | None
     service: Service
+    env: dict[str, str] | None = None  # KiteMesh's environment: the variants run in the main target's
     results: dict = field(default_factory=dict)
 
 
@@ -179,16 +189,16 @@ def start_upstream(run: Run) -> Service:
     return service
 
 
-def postgres_reset() -> None:
-    """Drop and recreate the bench database, so every run starts from the same empty state."""
+def postgres_reset(database: str) -> None:
+    """Drop and recreate a bench database, so every run starts from the same empty state."""
     import psycopg
 
     try:
         with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {POSTGRES_DB} WITH (FORCE)")
-            conn.execute(f"CREATE DATABASE {POSTGRES_DB}")
+            conn.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+            conn.execute(f"CREATE DATABASE {database}")
     except psycopg.Error as exc:
-        raise RuntimeError(f"cannot reset the {POSTGRES_DB} database: {exc}") from exc
+        raise RuntimeError(f"cannot reset the {database} database: {exc}") from exc
 
 
 def postgres_available() -> bool:
@@ -204,21 +214,22 @@ def postgres_available() -> bool:
 POSTGRES_SOCKET = Path("/var/run/postgresql/.s.PGSQL.5432")
 
 
-def database_url(db: str) -> str:
+def database_url(db: str, database: str = POSTGRES_DB) -> str:
+    """A fresh, empty database named `database` (var/bench.sqlite3 for the main one on SQLite)."""
     if db == "postgres":
-        postgres_reset()
+        postgres_reset(database)
         # The Unix socket when PostgreSQL is on this host, as a same-host deployment would connect:
         # loopback TCP costs the worker about 2 ms of CPU a request in kernel time (README, Benchmarks).
         if POSTGRES_SOCKET.exists():
-            return f"postgres://postgres@%2Fvar%2Frun%2Fpostgresql/{POSTGRES_DB}"
-        return f"postgres://postgres@127.0.0.1:5432/{POSTGRES_DB}"
-    path = ROOT / "var" / "bench.sqlite3"
+            return f"postgres://postgres@%2Fvar%2Frun%2Fpostgresql/{database}"
+        return f"postgres://postgres@127.0.0.1:5432/{database}"
+    path = ROOT / "var" / f"{database.removeprefix('kitemesh_')}.sqlite3"
     for suffix in ("", "-wal", "-shm", "-journal"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
     return f"sqlite:///{path}"
 
 
-def kitemesh_env(db: str) -> dict[str, str]:
+def kitemesh_env(db: str, database: str = POSTGRES_DB) -> dict[str, str]:
     return clean_env(
         DJANGO_SETTINGS_MODULE="kitemesh_site.settings.base",
         DJANGO_DEBUG="0",
@@ -226,47 +237,61 @@ def kitemesh_env(db: str) -> dict[str, str]:
         KITEMESH_LOG_LEVEL="WARNING",
         KITEMESH_LOG_FORMAT="text",
         KITEMESH_TOOL_HOST_ALLOWLIST="127.0.0.1",
-        DATABASE_URL=database_url(db),
+        DATABASE_URL=database_url(db, database),
     )
 
 
-def manage(env: dict[str, str], *args: str) -> str:
+def manage(env: dict[str, str], *args: str, root: Path = ROOT) -> str:
+    """`manage.py` of the checkout at `root` (this one, or the baseline's worktree)."""
     done = subprocess.run(
-        [PYTHON, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
+        [PYTHON, "manage.py", *args], cwd=root, env=env, capture_output=True, text=True, timeout=300, check=False
     )
     if done.returncode != 0:
         raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{done.stderr.strip()[-3000:]}")
     return done.stdout
 
 
-def kitemesh_start(run: Run, upstream: Service, db: str, key: str) -> Target:
+def kitemesh_start(
+    run: Run, upstream: Service, db: str, key: str, root: Path = ROOT, database: str = POSTGRES_DB
+) -> Target:
     """A fresh database, the bench config, a token; then one uvicorn worker on the gateway CPU."""
-    env, token = kitemesh_prepare(run, upstream, db)
-    return kitemesh_serve(run, env, token, key)
+    env, token = kitemesh_prepare(run, upstream, db, root, database)
+    return kitemesh_serve(run, env, token, key, root=root)
 
 
-def kitemesh_prepare(run: Run, upstream: Service, db: str) -> tuple[dict[str, str], str]:
-    """A fresh database with the bench config and a token: the environment to run KiteMesh in, and the token."""
-    env = kitemesh_env(db)
+def kitemesh_prepare(
+    run: Run, upstream: Service, db: str, root: Path = ROOT, database: str = POSTGRES_DB
+) -> tuple[dict[str, str], str]:
+    """A fresh database with the bench config and a token, made by the manage.py of the checkout at `root`:
+    the environment to run KiteMesh in, and the token."""
+    env = kitemesh_env(db, database)
     config = render("kitemesh.yaml", upstream_port=upstream.port, slow_model=run.settings.slow_model, **GROUPS)
-    manage(env, "migrate", "--noinput")
-    manage(env, "apply_config", str(config))
-    token = manage(env, "issue_token", "--team", "bench", "--name", f"bench-{int(time.time())}").splitlines()[-1]
-    return env, token
+    manage(env, "migrate", "--noinput", root=root)
+    manage(env, "apply_config", str(config), root=root)
+    issued = manage(env, "issue_token", "--team", "bench", "--name", f"bench-{int(time.time())}", root=root)
+    return env, issued.splitlines()[-1]
 
 
 def kitemesh_serve(
-    run: Run, env: dict[str, str], token: str, key: str, app: str = "kitemesh_site.asgi:application"
+    run: Run,
+    env: dict[str, str],
+    token: str,
+    key: str,
+    app: str = "kitemesh_site.asgi:application",
+    root: Path = ROOT,
+    factory: bool = False,
 ) -> Target:
-    """One uvicorn worker serving `app` (a module of the project, or of bench/) on the gateway CPU."""
+    """One uvicorn worker serving `app` (a module of the checkout at `root`, or of bench/; with `factory`, a
+    function that returns the application) on the gateway CPU. `--app-dir` puts that directory first on
+    sys.path, ahead of the venv's editable install of this checkout."""
     service = Service(key, free_port(), RUN_DIR / f"{key}.log")
-    command = [*run.pin.gateway, PYTHON, "-m", "uvicorn", app]
-    if (BENCH_DIR / f"{app.split(':')[0]}.py").exists():
-        command += ["--app-dir", str(BENCH_DIR)]
+    app_dir = BENCH_DIR if (BENCH_DIR / f"{app.split(':')[0]}.py").exists() else root
+    command = [*run.pin.gateway, PYTHON, "-m", "uvicorn", app, "--app-dir", str(app_dir)]
+    command += ["--factory"] if factory else []
     command += ["--host", "127.0.0.1", "--port", str(service.port), "--workers", "1"]
     command += ["--no-access-log", "--log-level", "warning", *uvicorn_speedups()]
     run.services.append(service)
-    service.start(command, env, ROOT)
+    service.start(command, env, root)
     service.wait_ready("/healthz")
     url = f"http://127.0.0.1:{service.port}/v1/chat/completions"
     return Target(
@@ -275,7 +300,62 @@ def kitemesh_serve(
         slow=Endpoint(url, token, f"group:{GROUPS['slow_group']}"),
         approval=Endpoint(url, token, f"group:{GROUPS['approval_group']}"),
         service=service,
+        env=env,
     )
+
+
+def variant_start(run: Run, started: dict[str, Target], name: str) -> Target:
+    """A factory of bench/variants.py, served on the main KiteMesh target's database with its token: the
+    variant differs from it by the one piece swapped."""
+    kitemesh = started.get("kitemesh")
+    if kitemesh is None or kitemesh.env is None:
+        raise RuntimeError("the variants are served beside the kitemesh target, which did not start")
+    return kitemesh_serve(
+        run, kitemesh.env, kitemesh.chat.token, f"kitemesh_{name}", app=f"variants:{name}", factory=True
+    )
+
+
+# --- The baseline: KiteMesh as of another commit --------------------------------------------------
+
+
+def git(*args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def baseline_worktree(ref: str) -> dict:
+    """KiteMesh as of `ref`, checked out in a git worktree at bench/.run/baseline: kept between runs, made
+    again when it is at another commit. Returns what the report names it by."""
+    commit = git("rev-parse", "--verify", f"{ref}^{{commit}}")
+    is_worktree = (BASELINE_DIR / ".git").is_file()  # without it, `git -C` would answer for this checkout
+    if is_worktree and git("-C", str(BASELINE_DIR), "rev-parse", "HEAD") != commit:
+        git("worktree", "remove", "--force", str(BASELINE_DIR))
+    if not (BASELINE_DIR / ".git").is_file():
+        git("worktree", "prune")  # forgets a worktree whose directory was deleted by hand
+        git("worktree", "add", "--detach", str(BASELINE_DIR), commit)
+    baseline_imports_check(BASELINE_DIR)
+    return {"ref": ref, "commit": commit, "short": git("rev-parse", "--short", ref), "path": str(BASELINE_DIR)}
+
+
+def baseline_imports_check(worktree: Path) -> None:
+    """The baseline's processes must run the worktree's code, not this checkout's. The venv's editable
+    install maps the project's packages to this checkout, but through a finder appended to sys.meta_path,
+    which Python asks only after sys.path's entries; the worktree is sys.path's first entry for every
+    process started there (manage.py's own directory; for uvicorn, `-m`'s cwd and `--app-dir`). Checked by
+    importing each package with the same python and cwd (`python -c`, whose first entry is the cwd) and
+    reading its __file__."""
+    packages = [name for name in PROJECT_PACKAGES if (worktree / name / "__init__.py").exists()]
+    code = f"import importlib; print(*(importlib.import_module(n).__file__ for n in {packages!r}))"
+    done = subprocess.run(
+        [PYTHON, "-c", code], cwd=worktree, env=clean_env(), capture_output=True, text=True, timeout=60, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"cannot import the baseline's packages:\n{done.stderr.strip()[-2000:]}")
+    strays = [path for path in done.stdout.split() if not Path(path).resolve().is_relative_to(worktree)]
+    if strays:
+        raise RuntimeError(f"the baseline would run code from outside {worktree}: {strays}")
 
 
 def litellm_start(run: Run, upstream: Service) -> Target:
@@ -422,16 +502,25 @@ def streams_measure(run: Run, target: Target) -> dict:
 
 
 def approvals_measure(run: Run, target: Target, upstream: Service) -> dict:
-    """Round trips per second, and how many times the tool really ran per round trip (1.0 expected)."""
+    """Round trips per second, how many times the tool really ran per round trip (1.0 expected), and the
+    worker's CPU time per round trip (its pause, its resume and the tool call between)."""
     s = run.settings
     assert target.approval is not None
     options = {"concurrency": s.approval_concurrency}
     load_run("approvals", target.approval, run.pin.driver, 120, duration=s.warmup, **options)  # warm-up
     before = upstream_stats(upstream)["tool_runs"]
-    result = load_run("approvals", target.approval, run.pin.driver, s.duration + 120, duration=s.duration, **options)
+    with Sampler(target.service.worker_pid()) as sampler:
+        result = load_run(
+            "approvals", target.approval, run.pin.driver, s.duration + 120, duration=s.duration, **options
+        )
     tool_runs = upstream_stats(upstream)["tool_runs"] - before
-    per_round_trip = tool_runs / result["round_trips"] if result["round_trips"] else None
-    return result | {"tool_runs": tool_runs, "tool_runs_per_round_trip": per_round_trip}
+    worker, round_trips = sampler.as_dict(), result["round_trips"]
+    return result | {
+        "tool_runs": tool_runs,
+        "tool_runs_per_round_trip": tool_runs / round_trips if round_trips else None,
+        "worker": worker,
+        "cpu_ms_per_round_trip": 1000 * worker["cpu_s"] / round_trips if round_trips else None,
+    }
 
 
 def upstream_stats(upstream: Service) -> dict:
@@ -468,22 +557,35 @@ def gateway_stop(target: Target) -> None:
     target.results["log"] = log_findings(target.service)
 
 
-def run_all(run: Run, selected: list[str]) -> None:
-    """All servers up (an idle one costs nothing); the non-stream scenarios interleaved across them; then
-    each server's other scenarios with no other load, each gateway stopped when it is done."""
+def run_all(run: Run, selected: list[str], baseline: Path | None, variants: list[str]) -> None:
+    """All servers up (an idle one costs nothing); the non-stream scenarios interleaved across them, in the
+    order of `selected`; then each server's other scenarios with no other load, each gateway stopped when it
+    is done. The variants take part in the non-stream rounds only, the baseline in the approvals too."""
     settings = run.settings
     upstream = start_upstream(run)
     everything = {"sse", "streams", "approvals"}
-    starts: list[tuple[str, Callable[[], Target], set[str]]] = [
-        ("direct", lambda: direct_target(upstream, settings), everything),
-        ("kitemesh", lambda: kitemesh_start(run, upstream, settings.kitemesh_db, "kitemesh"), everything),
-        ("kitemesh_sqlite", lambda: kitemesh_start(run, upstream, "sqlite", "kitemesh_sqlite"), set()),
-        ("litellm", lambda: litellm_start(run, upstream), everything),
-    ]
+    started: dict[str, Target] = {}
+    starts: dict[str, tuple[Callable[[], Target], set[str]]] = {
+        "direct": (lambda: direct_target(upstream, settings), everything),
+        "kitemesh": (lambda: kitemesh_start(run, upstream, settings.kitemesh_db, "kitemesh"), everything),
+        "kitemesh_sqlite": (lambda: kitemesh_start(run, upstream, "sqlite", "kitemesh_sqlite"), set()),
+        "litellm": (lambda: litellm_start(run, upstream), everything),
+    }
+    for name in variants:
+        starts[f"kitemesh_{name}"] = (functools.partial(variant_start, run, started, name), set())
+    if baseline is not None:
+        starts["kitemesh_baseline"] = (
+            functools.partial(
+                kitemesh_start, run, upstream, settings.kitemesh_db, "kitemesh_baseline", baseline, BASELINE_DB
+            ),
+            {"approvals"},
+        )
     targets: list[tuple[Target, set[str]]] = []
-    for key, start, scenarios in starts:
-        target = gateway_start(run, key, start) if key in selected else None
+    for key in selected:
+        start, scenarios = starts[key]
+        target = gateway_start(run, key, start)
         if target is not None:
+            started[key] = target
             run.results[key] = target.results
             if prepare_target(run, target):
                 targets.append((target, scenarios))
@@ -503,25 +605,56 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a short smoke run (results in bench/.run/)")
     parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated subset of {', '.join(TARGETS)}")
+    parser.add_argument("--baseline", metavar="REF", help="also serve KiteMesh as of this commit (kitemesh_baseline)")
+    parser.add_argument(
+        "--variants", default="", help="comma-separated factories of bench/variants.py, each served as kitemesh_<name>"
+    )
     return parser.parse_args()
+
+
+def measured_order(requested: list[str], baseline: bool, variants: list[str]) -> list[str]:
+    """The targets in the order each round measures them: the standard ones in TARGETS' order, KiteMesh's
+    variants and baseline right after it."""
+    standard = [t for t in TARGETS if t in requested]
+    extra = [f"kitemesh_{name}" for name in variants] + (["kitemesh_baseline"] if baseline else [])
+    at = standard.index("kitemesh") + 1 if "kitemesh" in standard else len(standard)
+    return standard[:at] + extra + standard[at:]
+
+
+def variants_check(names: list[str], selected: list[str]) -> None:
+    """Before anything starts: each name a factory of bench/variants.py, and the target they share with."""
+    import variants
+
+    unknown = [name for name in names if not callable(getattr(variants, name, None))]
+    if unknown:
+        raise SystemExit(f"no such factory in bench/variants.py: {', '.join(unknown)}")
+    if names and "kitemesh" not in selected:
+        raise SystemExit("--variants run on the kitemesh target's database: keep kitemesh in --targets")
 
 
 def main() -> int:
     args = parse_args()
     settings = Settings.from_env(args.quick)
-    selected = [t.strip() for t in args.targets.split(",") if t.strip()]
+    requested = [t.strip() for t in args.targets.split(",") if t.strip()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if settings.kitemesh_db == "postgres" and not postgres_available():
         print("PostgreSQL is not reachable: KiteMesh runs on SQLite only.", flush=True)  # said in results.md too
         settings = Settings(**(asdict(settings) | {"kitemesh_db": "sqlite"}))
-        selected = [t for t in selected if t != "kitemesh_sqlite"]
-    if "litellm" in selected and not LITELLM.exists():
+        requested = [t for t in requested if t != "kitemesh_sqlite"]
+    if "litellm" in requested and not LITELLM.exists():
         raise SystemExit(f"{LITELLM} is missing: run `make bench`, which installs it.")
+    variants_check(variants, requested)
     RUN_DIR.mkdir(exist_ok=True)
+    try:
+        baseline = baseline_worktree(args.baseline) if args.baseline else None
+    except RuntimeError as exc:
+        raise SystemExit(f"--baseline {args.baseline}: {exc}") from None
+    selected = measured_order(requested, baseline is not None, variants)
     raise_open_files_limit()
     run = Run(settings, Pinning.detect())
     started, load_before = datetime.now(UTC), os.getloadavg()[0]
     try:
-        run_all(run, selected)
+        run_all(run, selected, Path(baseline["path"]) if baseline else None, variants)
     finally:
         for service in reversed(run.services):
             service.stop()
@@ -532,6 +665,8 @@ def main() -> int:
         "machine": machine_describe(run.pin, uvicorn_speedups(), wrk_version() if wrk_available() else None),
         # Other work on the machine skews everything: the 1-minute load average says whether there was any.
         "load_average": {"before": load_before, "after": os.getloadavg()[0]},
+        "baseline": baseline,
+        "variants": variants,
         "results": run.results,
         "failures": run.failures,
     }

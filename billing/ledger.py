@@ -23,7 +23,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.utils import timezone
 
-from billing.models import CreditAccount, Hold, LedgerEntry
+from billing.models import Balance, CreditAccount, Hold, LedgerEntry
 from core.errors import InsufficientCredits, InvalidRequest
 from core.models import Execution, Step, Team
 from core.sql import Guard, db_value, for_update, guard_holds, sql_count, sql_insert, sql_rows, sql_update, table
@@ -82,16 +82,12 @@ def ledger() -> Ledger:
 
 
 @dataclass
-class Account:
+class Account(Balance):
     """A locked CreditAccount's figures, without building the model (this runs on every request)."""
 
     team_id: int
     balance: int
     held: int
-
-    @property
-    def available(self) -> int:
-        return self.balance - self.held
 
 
 def _account_lock(team_id: int) -> Account:

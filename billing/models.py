@@ -8,9 +8,19 @@ from django.db.models import Q
 from core.models import Execution, Team
 
 
-class CreditAccount(models.Model):
-    """`balance` is what the team owns; `held` is reserved by running requests; available = balance - held.
-    Changed only by billing.ledger, under a row lock, next to a LedgerEntry."""
+class Balance:
+    """A team's credits: `balance` is what it owns, `held` what running requests have reserved of it."""
+
+    balance: int
+    held: int
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.held
+
+
+class CreditAccount(Balance, models.Model):
+    """A team's Balance. Changed only by billing.ledger, under a row lock, next to a LedgerEntry."""
 
     team = models.OneToOneField(Team, on_delete=models.CASCADE, primary_key=True, related_name="credit_account")
     balance = models.BigIntegerField(default=0)
@@ -26,10 +36,6 @@ class CreditAccount(models.Model):
 
     def __str__(self) -> str:
         return f"{self.team.name}: {self.balance} ({self.held} held)"
-
-    @property
-    def available(self) -> int:
-        return self.balance - self.held
 
 
 class LedgerEntry(models.Model):

@@ -11,7 +11,7 @@ from datetime import date, datetime, timedelta
 from django.db.models import Count, F, Prefetch, Q, QuerySet, Sum, Value
 from django.db.models.functions import Coalesce, TruncDate
 
-from billing.models import CreditAccount, Hold, LedgerEntry
+from billing.models import Balance, CreditAccount, Hold, LedgerEntry
 from core.models import Approval, Execution, Step, Team, ToolExecution
 
 
@@ -24,16 +24,12 @@ def credit_account_get(*, team: Team) -> CreditAccount:
 
 
 @dataclass(frozen=True)
-class TeamCredits:
+class TeamCredits(Balance):
     team_id: int
     team_name: str
     balance: int
     held: int
     active_holds: int
-
-    @property
-    def available(self) -> int:
-        return self.balance - self.held
 
 
 def team_credits_list(*, teams: QuerySet[Team]) -> list[TeamCredits]:

@@ -9,7 +9,7 @@ from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
 
-from chat.wire.requests import CreateChatCompletion, ChatResume
+from chat.wire.requests import ChatResume, CreateChatCompletion
 from chat.wire.responses import (
     Approval,
     ChatCompletion,

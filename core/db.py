@@ -15,21 +15,14 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
-from contextvars import ContextVar
 from dataclasses import dataclass
 from queue import SimpleQueue
 from typing import Any, TypeVar
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connections
 
 T = TypeVar("T")
-
-# Set by the API handler for the requests it serves, which have no caller's transaction to share: their
-# work may go to the pool. Anything else (Django's test client, a sync caller) keeps asgiref's
-# thread-sensitive routing, which reaches the caller's own connection and its uncommitted rows.
-pool_allowed: ContextVar[bool] = ContextVar("kitemesh_db_pool_allowed", default=False)
 
 
 def connections_upkeep() -> None:
@@ -159,7 +152,5 @@ async def in_db_thread(work: Callable[..., T], /, **kwargs: Any) -> T:
 
 def db_future(work: Callable[..., T], /, **kwargs: Any) -> asyncio.Future[T]:
     """in_db_thread's work, started: its future, for a caller that shields it from cancellation."""
-    if not pool_allowed.get():
-        return asyncio.ensure_future(sync_to_async(work)(**kwargs))
     context = contextvars.copy_context()  # the request's (its id, for logs)
     return asyncio.get_running_loop().run_in_executor(_pool(), context.run, _pooled, work, kwargs)

@@ -1,15 +1,13 @@
-"""Request-wide API concerns: a request id on every API response (and on every log line written while it
-is served), and the body size limit."""
+"""A request id on every API response, and on every log line written while it is served (the body size limit
+is kitemesh_site.asgi's, answered before a body is read)."""
 
 from collections.abc import Callable
 
 from asgiref.sync import iscoroutinefunction
-from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.utils.decorators import sync_and_async_middleware
 
-from core.envelope import error_response, request_id_new
-from core.errors import RequestTooLarge
+from core.envelope import request_id_new
 from core.logs import request_id_var
 
 API_PREFIXES = ("/v1/",)
@@ -21,17 +19,6 @@ def request_id_bind(request: HttpRequest, request_id: str) -> None:
     own (Django's task, copied into any sync_to_async thread), which ends with it."""
     request.kitemesh_request_id = request_id
     request_id_var.set(request_id)
-
-
-def _too_large(request: HttpRequest) -> HttpResponse | None:
-    try:
-        length = int(request.META.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        length = 0
-    if length > settings.KITEMESH_MAX_BODY_BYTES:
-        error = RequestTooLarge(f"The body is larger than {settings.KITEMESH_MAX_BODY_BYTES} bytes.")
-        return error_response(error, request)
-    return None
 
 
 def _tag(request: HttpRequest, response: HttpResponse) -> HttpResponse:
@@ -49,7 +36,7 @@ def api_request_middleware(get_response: Callable) -> Callable:
             if not request.path.startswith(API_PREFIXES):
                 return await get_response(request)
             request_id_bind(request, request_id_new())
-            return _tag(request, _too_large(request) or await get_response(request))
+            return _tag(request, await get_response(request))
 
     else:
 
@@ -60,7 +47,7 @@ def api_request_middleware(get_response: Callable) -> Callable:
             outer = request_id_var.set(None)
             try:
                 request_id_bind(request, request_id_new())
-                return _tag(request, _too_large(request) or get_response(request))
+                return _tag(request, get_response(request))
             finally:
                 request_id_var.reset(outer)
 

@@ -21,7 +21,7 @@ from django.core.handlers.exception import convert_exception_to_response  # noqa
 from django.urls import set_script_prefix  # noqa: E402
 
 from core import metrics  # noqa: E402
-from core.db import connections_closed_per_request, connections_upkeep, pool_allowed  # noqa: E402
+from core.db import connections_closed_per_request, connections_upkeep  # noqa: E402
 from core.envelope import error_body, request_id_new  # noqa: E402
 from core.errors import RequestTooLarge  # noqa: E402
 from core.middleware import API_PREFIXES, api_request_middleware  # noqa: E402
@@ -49,7 +49,6 @@ class ApiHandler(ASGIHandler):
         except RequestAborted:
             return
         set_script_prefix(get_script_prefix(scope))
-        pool_allowed.set(True)
         try:
             request, error_response = self.create_request(scope, body_file)
             if request is None:

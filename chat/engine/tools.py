@@ -19,8 +19,9 @@ from jsonschema.exceptions import SchemaError, ValidationError, relevance
 
 from chat.engine.clients import per_loop
 from core.models import Tool
+from core.pinned_http import pinned_send
 from core.redaction import REDACTED, secret_key
-from core.ssrf import DestinationBlocked, IPAddress, Resolver, destination_check, literal_address
+from core.ssrf import DestinationBlocked, Resolver, destination_check
 from core.vault import secret_value
 
 logger = logging.getLogger(__name__)
@@ -227,7 +228,16 @@ async def _exchange(hop: _Hop, resolve: Resolver | None, timeout: float, progres
         except DestinationBlocked as exc:
             return _failure(progress, f"{'redirect blocked' if redirects else 'blocked destination'}: {exc}")
         try:
-            response = await _send_pinned(hop, addresses, timeout, progress)
+            response = await pinned_send(
+                _client(),
+                hop.method,
+                hop.url,
+                addresses,
+                headers={**hop.headers, **hop.auth},
+                content=hop.body,
+                timeout=timeout,
+                trace=progress.trace,
+            )
             try:
                 progress.status_code = response.status_code
                 if response.status_code not in _REDIRECT_STATUSES or "location" not in response.headers:
@@ -260,33 +270,6 @@ def _timed_out(timeout: float) -> str:
 
 def _failure(progress: _Progress, error: str) -> ToolResult:
     return ToolResult(sent=progress.sent, status_code=progress.status_code, body="", error=error)
-
-
-async def _send_pinned(hop: _Hop, addresses: list[IPAddress], timeout: float, progress: _Progress) -> httpx.Response:
-    """Send to the first checked address that accepts a connection; a refused connect sent nothing, so the
-    next address may be tried."""
-    error: httpx.ConnectError | None = None
-    for ip in addresses:
-        try:
-            return await _client().send(_pinned_request(hop, str(ip), timeout, progress), stream=True)
-        except httpx.ConnectError as exc:
-            error = exc
-    assert error is not None  # destination_check never returns an empty list
-    raise error
-
-
-def _pinned_request(hop: _Hop, ip: str, timeout: float, progress: _Progress) -> httpx.Request:
-    """The hop addressed to `ip`, with the original Host header and (https) TLS server name: DNS is not asked
-    again, and the certificate is still checked against the host name."""
-    host = hop.url.raw_host.decode("ascii")
-    extensions: dict[str, Any] = {"trace": progress.trace, "timeout": httpx.Timeout(timeout).as_dict()}
-    if hop.url.scheme == "https" and literal_address(host) is None:
-        extensions["sni_hostname"] = host
-    headers = {"Host": hop.url.netloc.decode("ascii"), **hop.headers, **hop.auth}
-    # httpx.Request, not client.build_request: nothing of the shared client (headers, cookies) is merged in.
-    return httpx.Request(
-        hop.method, hop.url.copy_with(host=ip), headers=headers, content=hop.body, extensions=extensions
-    )
 
 
 def _redirect(hop: _Hop, response: httpx.Response) -> _Hop:

@@ -1,16 +1,13 @@
 """How many SQL statements one API request runs, counted (not timed) on the live server: the hot
 path's budget (README, Benchmarks). A change that adds a statement to every request fails here."""
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import httpx
 import pytest
 from django.db import connection
-from django.db.backends.signals import connection_created
 
 from tests.conftest import Setup
 from tests.support.helpers import sse_chunks
+from tests.support.statements import statements_logged
 
 # A warm request on SQLite: the execution and its hold, once the configuration is found current (5: the
 # configuration version's check, execution, the account reserved and locked in one statement, hold, ledger
@@ -22,33 +19,6 @@ WARM_REQUEST = {"sqlite": 10, "postgresql": 2}
 # The first request reads the configuration version, its token, its team, the version again (the group's
 # read checks it too), its group (no agents, tools or fallbacks), the group's brain and the brain's API key.
 COLD_READS = 7
-
-
-@contextmanager
-def statements_logged() -> Iterator[list[str]]:
-    """Every statement run by connections opened inside the block, whatever their thread (the tests run
-    with CONN_MAX_AGE=0, so each request opens its own). Transaction control is left out: SQLite spells
-    BEGIN as a statement, PostgreSQL does not."""
-    log: list[str] = []
-    wrapped = []
-
-    def record(execute, sql, params, many, context):
-        if not sql.startswith(("BEGIN", "PRAGMA", "SAVEPOINT", "RELEASE SAVEPOINT")):
-            log.append(sql)
-        return execute(sql, params, many, context)
-
-    def wrap(sender, connection, **kwargs) -> None:
-        if record not in connection.execute_wrappers:
-            connection.execute_wrappers.append(record)
-            wrapped.append(connection)
-
-    connection_created.connect(wrap)
-    try:
-        yield log
-    finally:
-        connection_created.disconnect(wrap)
-        for connection in wrapped:
-            connection.execute_wrappers.remove(record)
 
 
 def _post(http: httpx.Client, setup: Setup, **body) -> httpx.Response:
