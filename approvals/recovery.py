@@ -77,12 +77,15 @@ def execution_recover(*, execution_id: uuid.UUID) -> bool:
     return True
 
 
+def execution_lapsed(execution: Execution) -> bool:
+    """Whether a run just read has lost its process: running, with its lease lapsed."""
+    lease = execution.lease_expires_at
+    return execution.status == Execution.Status.RUNNING and (lease is None or lease < timezone.now())
+
+
 def execution_recover_if_lapsed(*, execution: Execution) -> bool:
     """execution_recover for a run just read, when what was read says its lease lapsed (no query else)."""
-    lease = execution.lease_expires_at
-    if execution.status != Execution.Status.RUNNING or (lease is not None and lease >= timezone.now()):
-        return False
-    return execution_recover(execution_id=execution.pk)
+    return execution_lapsed(execution) and execution_recover(execution_id=execution.pk)
 
 
 def runs_recover_lapsed() -> int:

@@ -10,12 +10,14 @@ from django.db import transaction
 from django.utils import timezone
 
 from approvals import events
+from approvals.recovery import execution_lapsed, execution_recover
 from approvals.services import WAITING, approval_announce, approval_expire_if_due
-from billing.ledger import hold_open, holds_release
+from billing.ledger import hold_resize
 from billing.models import Hold
-from core.errors import Conflict, Expired, InvalidRequest, PermissionDenied
+from core.errors import Conflict, Expired, InvalidRequest, NotFound, PermissionDenied
 from core.models import ApiToken, Approval, Execution, Group, Tool, ToolExecution
 from core.runs import lease_deadline
+from core.sql import db_value, for_update, sql_instances, sql_rows, sql_update, table
 
 Status = ToolExecution.Status
 
@@ -61,40 +63,76 @@ def _decisions_merge(
     return {i: a for i, a in api.items() if needing[i].status == Status.PENDING}
 
 
-def _tools_in_scope_check(round_calls: list[ToolExecution], tools_in_scope: set[int]) -> None:
-    """A token resumes only a round whose every tool it may use: the round's calls run under its name."""
-    outside = sorted(
-        {te.tool_name for te in round_calls if te.tool_id is not None and te.tool_id not in tools_in_scope}
+def approval_for_resume_get(*, team_id: int, approval_id: uuid.UUID) -> Approval:
+    """The team's approval, with its round's conversation (one written-out statement: this is every resume's
+    first read); 404 when the team has no such approval. Whether the token's scope covers its group is the
+    caller's to check, with the group."""
+    found = sql_instances(
+        Approval,
+        f"SELECT * FROM {table(Approval)} WHERE id = %s AND team_id = %s",
+        [db_value(Approval, "id", approval_id), team_id],
     )
-    if outside:
-        raise PermissionDenied(
-            f"This API token may not use {', '.join(map(repr, outside))}; nothing was decided or run.",
-            param="approval_id",
-        )
+    if not found:
+        raise approval_not_found(approval_id)
+    return found[0]
+
+
+def approval_not_found(approval_id: uuid.UUID) -> NotFound:
+    return NotFound(f"No approval {approval_id}.", param="approval_id", code="approval_not_found")
+
+
+class _RunLapsed(Exception):
+    """The approval was resumed, and the run resuming it lost its process (its lease lapsed)."""
 
 
 def approval_resume_claim(
     *,
     token: ApiToken,
     approval: Approval,
-    tools_in_scope: set[int],
+    tools: dict[int, Tool],
     approved: set[uuid.UUID],
     denied: dict[uuid.UUID, str],
     hold_amount_for: Callable[[list[ToolExecution]], int],
 ) -> ResumeClaim:
-    """Apply the API's decisions and claim the approval for this resume, exactly once: the approval
-    row is locked and its status moved by a conditional update, so a second or concurrent resume gets
-    409. The approval's hold is swapped for this request's (402 leaves the approval pending). A round
-    with a tool outside `tools_in_scope` (the ids of the tools the token may use) is 403."""
+    """Apply the API's decisions and claim the approval for this resume, exactly once: the approval row is
+    locked and its status checked under the lock, so a second or concurrent resume gets 409. The approval's
+    hold becomes this request's, resized to `hold_amount_for(round)` (402 leaves the approval waiting). A
+    round with a tool outside `tools` (the tools the token may use, by id, with their secrets) is 403. An
+    approval whose resuming run died is recovered first (approvals.recovery) and then claimed: it waits again.
+    Lock order: the approval, then the account (as the page's decisions take them). `approval.group` must be
+    loaded."""
+    try:
+        return _claim(token, approval, tools, approved, denied, hold_amount_for)
+    except _RunLapsed:
+        execution_recover(execution_id=approval.execution_id)
+        return _claim(token, approval, tools, approved, denied, hold_amount_for)
+
+
+def _claim(
+    token: ApiToken,
+    approval: Approval,
+    tools: dict[int, Tool],
+    approved: set[uuid.UUID],
+    denied: dict[uuid.UUID, str],
+    hold_amount_for: Callable[[list[ToolExecution]], int],
+) -> ResumeClaim:
     approval_expire_if_due(approval)
     if approval.status == Approval.Status.EXPIRED:
         raise Expired("This approval has expired.", param="approval_id")
     with transaction.atomic(durable=True):
-        locked = Approval.objects.select_for_update().get(pk=approval.pk)
-        if locked.status not in WAITING:
+        status = sql_rows(
+            f"SELECT status FROM {table(Approval)} WHERE id = %s{for_update()}", [db_value(Approval, "id", approval.pk)]
+        )[0][0]
+        execution = sql_instances(
+            Execution,
+            f"SELECT * FROM {table(Execution)} WHERE id = %s",
+            [db_value(Execution, "id", approval.execution_id)],
+        )[0]
+        if status not in WAITING:
+            if execution_lapsed(execution):
+                raise _RunLapsed()
             raise Conflict("This approval was already resumed.", code="approval_already_resumed")
-        round_calls = list(locked.tool_executions.select_related("tool", "tool__auth_secret").order_by("position"))
-        _tools_in_scope_check(round_calls, tools_in_scope)
+        round_calls = _round(approval, tools)
         decisions = _decisions_merge(approval=approval, round_calls=round_calls, approved=approved, denied=denied)
         now = timezone.now()
         for te in round_calls:
@@ -102,25 +140,32 @@ def approval_resume_claim(
                 te.status = Status.APPROVED if decisions[te.id] else Status.DENIED
                 te.decided_via, te.decided_by, te.decided_at = ToolExecution.DecidedVia.API, f"token:{token.name}", now
                 te.decision_reason = denied.get(te.id, "")[:500]
-                ToolExecution.objects.filter(pk=te.pk, status=Status.PENDING).update(
-                    status=te.status,
-                    decided_via=te.decided_via,
-                    decided_by=te.decided_by,
-                    decision_reason=te.decision_reason,
-                    decided_at=now,
-                )
-        Approval.objects.filter(pk=locked.pk, status=locked.status).update(
-            status=Approval.Status.RESUMED, resolved_at=now
-        )
+                sql_update(te, ["status", "decided_via", "decided_by", "decision_reason", "decided_at"])
+        approval.status, approval.resolved_at = Approval.Status.RESUMED, now
+        sql_update(approval, ["status", "resolved_at"])
         if decisions:
             approval_announce(approval, events.DECIDED, waiting=0)
         approval_announce(approval, events.RESUMED)
-        holds_release(execution_id=locked.execution_id)  # the approval's, swapped for this request's below
-        execution = locked.execution
-        amount = hold_amount_for(round_calls)
-        hold = hold_open(execution=execution, amount=amount) if amount > 0 else None
-        execution.status = Execution.Status.RUNNING
-        execution.lease_expires_at = lease_deadline()
-        execution.save(update_fields=["status", "lease_expires_at"])
-    locked.group = approval.group
-    return ResumeClaim(approval=locked, execution=execution, tool_executions=round_calls, hold=hold)
+        hold = hold_resize(execution=execution, amount=hold_amount_for(round_calls))
+        execution.status, execution.lease_expires_at = Execution.Status.RUNNING, lease_deadline()
+        sql_update(execution, ["status", "lease_expires_at"])
+    return ResumeClaim(approval=approval, execution=execution, tool_executions=round_calls, hold=hold)
+
+
+def _round(approval: Approval, tools: dict[int, Tool]) -> list[ToolExecution]:
+    """The approval's round, in the order the model asked, each call with its tool (None when the tool was
+    deleted since); 403 when the token may not use one of its tools: the round's calls run under its name."""
+    round_calls = sql_instances(
+        ToolExecution,
+        f"SELECT * FROM {table(ToolExecution)} WHERE approval_id = %s ORDER BY position",
+        [db_value(ToolExecution, "approval_id", approval.pk)],
+    )
+    outside = sorted({te.tool_name for te in round_calls if te.tool_id is not None and te.tool_id not in tools})
+    if outside:
+        raise PermissionDenied(
+            f"This API token may not use {', '.join(map(repr, outside))}; nothing was decided or run.",
+            param="approval_id",
+        )
+    for te in round_calls:
+        te.tool = tools.get(te.tool_id)
+    return round_calls

@@ -20,6 +20,7 @@ from billing.models import Hold
 from core.errors import Conflict
 from core.models import Approval, Execution, Group, Step, ToolExecution
 from core.runs import tool_calls_of
+from core.sql import sql_insert
 from core.timestamps import iso
 
 Status = ToolExecution.Status
@@ -60,7 +61,7 @@ def approval_pause(
     the round (calls and conversation) and hold what its tools will cost. `response` is the pause
     answer, completed here with the approval's id and expiry."""
     with transaction.atomic(durable=True):
-        approval = Approval.objects.create(
+        approval = Approval(
             execution=execution,
             team_id=execution.team_id,
             group=group,
@@ -69,7 +70,8 @@ def approval_pause(
         )
         for position, tool_execution in enumerate(tool_executions):
             tool_execution.approval, tool_execution.position = approval, position
-        ToolExecution.objects.bulk_create(tool_executions)
+        sql_insert([approval])
+        sql_insert(tool_executions)
         expected = credits_round(steps_cost(steps))
         kitemesh = {"approval_id": str(approval.id), "expires_at": iso(approval.expires_at)}
         response["kitemesh"].update(kitemesh, credits_charged=expected)

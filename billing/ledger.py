@@ -26,7 +26,18 @@ from django.utils import timezone
 from billing.models import Balance, CreditAccount, Hold, LedgerEntry
 from core.errors import InsufficientCredits, InvalidRequest
 from core.models import Execution, Step, Team
-from core.sql import Guard, db_value, for_update, guard_holds, sql_count, sql_insert, sql_rows, sql_update, table
+from core.sql import (
+    Guard,
+    db_value,
+    for_update,
+    guard_holds,
+    sql_count,
+    sql_insert,
+    sql_instances,
+    sql_rows,
+    sql_update,
+    table,
+)
 
 HOLD_REFUSAL = "This request may cost up to {amount} credits; the team has {available} available."
 STEP_REFUSAL = "The next step may cost up to {amount} credits; the team has {available} available."
@@ -203,11 +214,38 @@ def hold_reserve(*, execution: Execution, hold: Hold | None, amount: int) -> Hol
     with transaction.atomic(durable=True):
         if hold is None:
             return hold_open(execution=execution, amount=amount, refusal=STEP_REFUSAL)
-        account = account_reserve(execution.team_id, amount, STEP_REFUSAL)
-        sql_count(f"UPDATE {table(Hold)} SET amount = amount + %s WHERE id = %s", [amount, hold.pk])
-        hold.amount += amount
-        _hold_entry(account, execution.pk, amount)
+        _hold_resize(hold, hold.amount + amount, STEP_REFUSAL)
         return hold
+
+
+def hold_resize(*, execution: Execution, amount: int) -> Hold | None:
+    """The execution's active hold (a paused run's, taken over by its resume) made `amount`: grown by a
+    reservation (InsufficientCredits when the team cannot cover it), shrunk by a release, opened when there
+    is none; None when `amount` is 0. Runs inside the caller's transaction, taking the account lock."""
+    active = f"SELECT * FROM {table(Hold)} WHERE execution_id = %s AND status = %s"
+    found = sql_instances(Hold, active, [db_value(Hold, "execution_id", execution.pk), Hold.Status.ACTIVE])
+    hold = found[0] if found else None
+    if hold is None:
+        return hold_open(execution=execution, amount=amount) if amount > 0 else None
+    if amount <= 0:
+        hold_release(hold=hold)
+        return None
+    _hold_resize(hold, amount, HOLD_REFUSAL)
+    return hold
+
+
+def _hold_resize(hold: Hold, amount: int, refusal: str) -> None:
+    """An active hold made `amount`, with the reservation or release of the difference recorded."""
+    change = amount - hold.amount
+    if change > 0:
+        _hold_entry(account_reserve(hold.team_id, change, refusal), hold.execution_id, change)
+    elif change < 0:
+        _entry_write(
+            hold.team_id, kind=LedgerEntry.Kind.RELEASE, amount=-change, held=change, execution_id=hold.execution_id
+        )
+    if change:
+        sql_count(f"UPDATE {table(Hold)} SET amount = %s WHERE id = %s", [amount, hold.pk])
+        hold.amount = amount
 
 
 def hold_settle(*, hold: Hold, cost: Decimal) -> int:

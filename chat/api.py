@@ -1,5 +1,6 @@
 """The OpenAI-compatible API. Views only speak HTTP: parse, call the engine or a selector, answer."""
 
+import dataclasses
 import functools
 import inspect
 import uuid
@@ -39,7 +40,7 @@ from chat.wire.requests import ChatRequest, chat_request_parse, resume_request_p
 from chat.wire.responses import execution_body
 from core.db import connections_upkeep, in_db_thread
 from core.envelope import error_response
-from core.errors import InvalidRequest, NotFound
+from core.errors import NotFound
 from core.middleware import request_id_bind
 from core.models import ApiToken
 
@@ -144,12 +145,28 @@ class ApiView(APIView):
         self.response = self.finalize_response(request, response, *args, **kwargs)
         return self.response
 
+    takes_recent_tokens = False  # see chat.services.tokens.token_recent
+
     async def async_initial(self, request: Request, *args, **kwargs) -> None:
-        await in_db_thread(functools.partial(self.initial, request, *args, **kwargs))
+        """Who calls (chat.services.tokens: the token rule), found in the database pool, then DRF's `initial`
+        with the user known: no database there."""
+        raw = bearer_secret(request)
+        caller = token_recent(raw) if self.takes_recent_tokens else None
+        if caller is None and raw:
+            caller = await in_db_thread(token_authenticate, raw=raw)
+        if caller is None:
+            return await in_db_thread(functools.partial(self.initial, request, *args, **kwargs))  # DRF's 401
+        request.caller = caller
+        request.user = request.auth = caller.token
+        self.initial(request, *args, **kwargs)
 
     async def exception_answered(self, request: Request, exc: Exception) -> Exception:
-        """The error to answer for `exc`."""
-        return exc
+        """The error to answer for `exc`: a 401 first when the caller was not confirmed and its token is no
+        longer live."""
+        caller = getattr(request, "caller", None)
+        if caller is None or caller.confirmed:
+            return exc
+        return await in_db_thread(token_error_first, raw=bearer_secret(request), error=exc)
 
     def sync_dispatch(self, request: HttpRequest, *args, **kwargs) -> HttpResponseBase:
         # The read endpoints run whole in Django's thread hop. The API handler sends no request signals,
@@ -168,27 +185,11 @@ class ApiView(APIView):
 
 
 class ChatCompletionCreateApi(ApiView):
-    """The hot path. A token this worker keeps at the current configuration is taken without a query
-    (chat.services.tokens.token_recent): the write that starts the run checks that configuration is still
-    current (chat.engine.start). An error before the run starts is answered only once the token is
-    confirmed, so a revoked token gets its 401 whatever else is wrong with the request."""
+    """The hot path. A token this worker keeps is taken without a query (chat.services.tokens.token_recent):
+    the write that starts the run checks the configuration it was read at is still current
+    (chat.engine.start)."""
 
-    async def async_initial(self, request: Request, *args, **kwargs) -> None:
-        raw = bearer_secret(request)
-        found = token_recent(raw)
-        request.token_unconfirmed = found is not None
-        if found is None and raw:
-            found = await in_db_thread(token_authenticate, raw=raw)
-        if found is None:
-            return await super().async_initial(request, *args, **kwargs)  # DRF's 401
-        request.config_version, request.user = found
-        request.auth = request.user
-        self.initial(request, *args, **kwargs)  # no database: the user is known
-
-    async def exception_answered(self, request: Request, exc: Exception) -> Exception:
-        if not getattr(request, "token_unconfirmed", False):
-            return exc
-        return await in_db_thread(token_error_first, raw=bearer_secret(request), error=exc)
+    takes_recent_tokens = True
 
     @chat_completion_schema
     async def post(self, request: Request) -> HttpResponseBase:
@@ -196,12 +197,9 @@ class ChatCompletionCreateApi(ApiView):
         token = request.auth
         async with _Admitted(token, chat_request.stream) as slots:
             run = await run_start(
-                token=token,
-                token_version=request.config_version,
-                request=chat_request,
-                request_id=request._request.kitemesh_request_id,
+                caller=request.caller, request=chat_request, request_id=request._request.kitemesh_request_id
             )
-            request.token_unconfirmed = False  # the run's start found the configuration current
+            request.caller = dataclasses.replace(request.caller, confirmed=True)  # the run's start checked it
             return await _answer(run, chat_request, slots)
 
 
@@ -211,11 +209,8 @@ class ChatResumeApi(ApiView):
         resume = resume_request_parse(_body(request))
         token = request.auth
         async with _Admitted(token, resume.chat.stream) as slots:
-            approval = await in_db_thread(approval_recovered_get, token=token, approval_id=resume.approval_id)
-            if approval.group_id != resume.chat.group_id:
-                raise InvalidRequest(f"This approval belongs to 'group:{approval.group_id}'.", param="model")
             run = await run_resume(
-                token=token, approval=approval, resume=resume, request_id=request._request.kitemesh_request_id
+                caller=request.caller, resume=resume, request_id=request._request.kitemesh_request_id
             )
             return await _answer(run, resume.chat, slots)
 

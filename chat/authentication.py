@@ -19,10 +19,10 @@ class ApiTokenAuthentication(BaseAuthentication):
         raw = bearer_secret(request)
         if not raw:
             return None  # DRF answers NotAuthenticated: "Missing Bearer API token"
-        found = token_authenticate(raw)
-        if found is None:
+        caller = token_authenticate(raw)
+        if caller is None:
             raise AuthenticationFailed(INVALID_TOKEN_MESSAGE)
-        return found[1], found[1]
+        return caller.token, caller.token
 
     def authenticate_header(self, request: Request) -> str:
         return 'Bearer realm="kitemesh"'

@@ -1,7 +1,7 @@
 """Reads every app makes of the shared models: the teams a person works for, the runs a token may see."""
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import Q, QuerySet
+from django.db.models import Exists, Q, QuerySet
 
 from core.models import ApiToken, Team
 
@@ -17,6 +17,7 @@ def runs_in_token_scope(*, token: ApiToken) -> Q:
     """A filter on a run's `team` and `group` (executions, approvals): those of the token's team whose group
     its scope covers (its selection, or every group, minus its exclusions); a token scoped to groups does
     not see runs whose group is gone."""
-    selected = list(token.groups.values_list("pk", flat=True))
-    scope = Q(team_id=token.team_id) & ~Q(group_id__in=token.excluded_groups.values_list("pk", flat=True))
-    return scope & Q(group_id__in=selected) if selected else scope
+    selected = ApiToken.groups.through.objects.filter(apitoken_id=token.pk).values("group_id")
+    excluded = ApiToken.excluded_groups.through.objects.filter(apitoken_id=token.pk).values("group_id")
+    in_selection = Q(group_id__in=selected) | ~Exists(selected)
+    return Q(team_id=token.team_id) & ~Q(group_id__in=excluded) & in_selection

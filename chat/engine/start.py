@@ -4,12 +4,13 @@ client's request_id, or a resume that continues a paused run from its decided ro
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from django.conf import settings
 
-from approvals.resume import ResumeClaim, approval_resume_claim
+from approvals.resume import ResumeClaim, approval_for_resume_get, approval_not_found, approval_resume_claim
 from chat.engine.agents import agents_of
 from chat.engine.holds import first_hold, resume_hold
 from chat.engine.modes.auto import mode_resolve
@@ -18,11 +19,11 @@ from chat.engine.rounds import tool_specs
 from chat.engine.run import Run
 from chat.selectors import GroupForRun, group_for_run_cached, group_for_run_get, model_endpoint_get
 from chat.services.executions import ExecutionStart, execution_finish, execution_start
-from chat.services.tokens import token_reload
+from chat.services.tokens import Caller, token_reload
 from chat.wire.requests import ChatRequest, ResumeRequest
 from core.config_version import config_guard
 from core.db import db_future, in_db_thread
-from core.errors import Conflict
+from core.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
 from core.models import ApiToken, Approval, CustomModel, Execution, Group, Mode
 
 _ATTEMPTS = 4  # starts refused because the configuration changed meanwhile, before the client is told to retry
@@ -38,15 +39,13 @@ class Replay:
         return self.execution.response  # a run that never answered does not keep its request_id
 
 
-async def run_start(*, token: ApiToken, token_version: int, request: ChatRequest, request_id: str) -> Run | Replay:
-    """Start the request's run, or find the earlier one its request_id names. `token` was read at
-    configuration version `token_version`. When the configuration changed since this worker read it (a token
-    revoked, a group edited), nothing is written: the token and the group are read again and the run sized
-    again."""
+async def run_start(*, caller: Caller, request: ChatRequest, request_id: str) -> Run | Replay:
+    """Start the request's run, or find the earlier one its request_id names. When the configuration changed
+    since this worker read it (a token revoked, a group edited), nothing is written: the caller and the group
+    are read again and the run sized again."""
     for _ in range(_ATTEMPTS):
-        version, parts = group_for_run_cached(token=token, group_id=request.group_id) or await in_db_thread(
-            group_for_run_get, token=token, group_id=request.group_id
-        )
+        token = caller.token
+        version, parts = await _group_for_run(caller, request.group_id)
         run = _run_sized(token, parts, request, request_id)
         started = await _started(
             execution_start,
@@ -59,16 +58,23 @@ async def run_start(*, token: ApiToken, token_version: int, request: ChatRequest
             stream=request.stream,
             metadata={**request.metadata, "requested_mode": request.mode or parts.group.mode},
             hold_amount=_first_hold(run),
-            guard=config_guard(min(version, token_version)),
+            guard=config_guard(min(version, caller.version)),
         )
         if started is None:
-            token_version, token = await in_db_thread(token_reload, token=token)
+            caller = await in_db_thread(token_reload, token=token)
             continue
         if started.replayed:
             return Replay(started.execution)
         run.execution, run.hold = started.execution, started.hold
         return run
     raise Conflict("The group's configuration kept changing while the request started; retry.", code="config_changed")
+
+
+async def _group_for_run(caller: Caller, group_id: uuid.UUID) -> tuple[int, GroupForRun]:
+    """What the caller may run of the group, and the configuration version it was read at: as this worker
+    keeps it (no query), else read."""
+    kept = group_for_run_cached(token=caller.token, group_id=group_id)
+    return kept or await in_db_thread(group_for_run_get, token=caller.token, group_id=group_id)
 
 
 def _run_sized(token: ApiToken, parts: GroupForRun, request: ChatRequest, request_id: str) -> Run:
@@ -129,20 +135,24 @@ async def _started(start: Callable[..., ExecutionStart | None], **kwargs) -> Exe
         raise
 
 
-async def run_resume(*, token: ApiToken, approval: Approval, resume: ResumeRequest, request_id: str) -> Run:
-    """Claim the paused run for this resume (its decisions applied, its hold taken: 402 leaves the approval
-    waiting) and continue it: the round's decided calls run first, then the resume's messages follow and the
-    loop goes on. The group is read at the current configuration."""
-    _, parts = await in_db_thread(group_for_run_get, token=token, group_id=approval.group_id)
+async def run_resume(*, caller: Caller, resume: ResumeRequest, request_id: str) -> Run:
+    """Claim the paused run for this resume (approvals.resume: its decisions applied, its hold taken, 402
+    leaving the approval waiting) and continue it: the round's decided calls run first, then the resume's
+    messages follow and the loop goes on. The group as the caller's configuration version has it."""
+    approval = await in_db_thread(approval_for_resume_get, team_id=caller.token.team_id, approval_id=resume.approval_id)
+    parts = await _group_for_resume(caller, approval)
+    if approval.group_id != resume.chat.group_id:
+        raise InvalidRequest(f"This approval belongs to 'group:{approval.group_id}'.", param="model")
+    approval.group = parts.group
     state, chat = approval.state, resume.chat
     mode = state.get("mode", Mode.NORMAL)
     agents = agents_of(parts.agents) if mode != Mode.NORMAL else {}
     max_tokens = chat.max_tokens or state["params"]["max_tokens"]
     claim: ResumeClaim = await in_db_thread(
         approval_resume_claim,
-        token=token,
+        token=caller.token,
         approval=approval,
-        tools_in_scope={tool.pk for tool in parts.tools},
+        tools={tool.pk: tool for tool in parts.tools},
         approved=resume.approved,
         denied=resume.denied,
         hold_amount_for=resume_hold(
@@ -167,3 +177,15 @@ async def run_resume(*, token: ApiToken, approval: Approval, resume: ResumeReque
         agents=agents,
         resumed_round=claim.tool_executions,
     )
+
+
+async def _group_for_resume(caller: Caller, approval: Approval) -> GroupForRun:
+    """The approval's group as the caller may run it (read again when this worker keeps it at another
+    version than the caller's); 404 for the approval when the token's scope leaves the group out."""
+    try:
+        version, parts = await _group_for_run(caller, approval.group_id)
+        if version != caller.version:
+            _, parts = await in_db_thread(group_for_run_get, token=caller.token, group_id=approval.group_id)
+    except (NotFound, PermissionDenied):
+        raise approval_not_found(approval.pk) from None
+    return parts

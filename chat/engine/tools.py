@@ -4,6 +4,7 @@ itself — SSRF-checked on every hop, pinned to the checked address, bounded in 
 import asyncio
 import codecs
 import copy
+import functools
 import json
 import logging
 from collections import OrderedDict
@@ -72,15 +73,24 @@ def tool_arguments_parse(tool: Tool, arguments: str) -> dict:
         raise ToolArgumentsInvalid(f"arguments are not valid JSON ({exc})") from None
     if not isinstance(value, dict):
         raise ToolArgumentsInvalid(f"arguments must be a JSON object, not {_JSON_KINDS.get(type(value), 'null')}")
-    schema = tool.parameters or {}
-    try:
-        Draft202012Validator.check_schema(schema)
-    except SchemaError:
-        raise ToolArgumentsInvalid(f"the tool {tool.name!r} has an invalid parameters schema") from None
-    errors = sorted(Draft202012Validator(schema).iter_errors(value), key=relevance, reverse=True)
+    validator = _validator(json.dumps(tool.parameters or {}, sort_keys=True))
+    if validator is None:
+        raise ToolArgumentsInvalid(f"the tool {tool.name!r} has an invalid parameters schema")
+    errors = sorted(validator.iter_errors(value), key=relevance, reverse=True)
     if errors:
         raise ToolArgumentsInvalid("; ".join(_error_text(e) for e in errors[:_MAX_REPORTED_ERRORS]))
     return value
+
+
+@functools.lru_cache(maxsize=1024)
+def _validator(schema: str) -> Draft202012Validator | None:
+    """The validator of a parameters schema (its JSON text), None when the schema itself is invalid; checking
+    a schema costs more than validating arguments against it, so each is checked once."""
+    try:
+        Draft202012Validator.check_schema(parsed := json.loads(schema))
+    except SchemaError:
+        return None
+    return Draft202012Validator(parsed)
 
 
 def _error_text(error: ValidationError) -> str:

@@ -5,6 +5,7 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.db import transaction
@@ -69,13 +70,25 @@ def token_revoke(*, token: ApiToken) -> bool:
 INVALID_TOKEN_MESSAGE = "Invalid, expired or revoked API token."
 
 
-# --- Who calls: the one rule for every API request (chat.authentication, the completion path) ---------------
+# --- Who calls: the one rule for every API request (chat.api, chat.authentication) ---------------------------
 
 
-def token_authenticate(raw: str) -> tuple[int, ApiToken] | None:
-    """(The configuration version, the live token of a bearer secret with its team), or None. Checks the
-    configuration version first (one query; a revocation changes it) and reads the token only when this
-    worker does not keep it at that version. In a database thread."""
+@dataclass(frozen=True)
+class Caller:
+    """Who calls: the live token of the request's bearer secret (with its team), read at configuration
+    version `version`. Not `confirmed` when it came from what this worker keeps, without a query
+    (token_recent): only a request whose write checks that version may act on it, and its errors wait for
+    the token to be confirmed (token_error_first)."""
+
+    token: ApiToken
+    version: int
+    confirmed: bool = True
+
+
+def token_authenticate(raw: str) -> Caller | None:
+    """The caller of a bearer secret, or None when it is not a live token. Checks the configuration version
+    first (one query; a revocation changes it) and reads the token only when this worker does not keep it
+    at that version. In a database thread."""
     if not raw.startswith(TOKEN_PREFIX) or len(raw) < LOOKUP_PREFIX_LENGTH + 8:
         return None
     version = version_check()
@@ -88,27 +101,28 @@ def token_authenticate(raw: str) -> tuple[int, ApiToken] | None:
         keep(key, token, version=version)
     else:
         token = entry[1]
-    return (version, token) if _token_usable(token, raw) else None
+    return Caller(token, version) if _token_usable(token, raw) else None
 
 
-def token_recent(raw: str) -> tuple[int, ApiToken] | None:
-    """token_authenticate's answer from what this worker keeps, with the configuration version it was read
-    at, with no query (callable on the event loop), or None ("read it"). Only for a request whose write
-    checks that version (a completion's start: core.config_version.config_guard), so a revocation still
-    applies at once."""
+def token_recent(raw: str) -> Caller | None:
+    """The unconfirmed caller of a bearer secret from what this worker keeps, with no query (callable on the
+    event loop), or None ("authenticate it"). Only for a request whose write checks its version (a
+    completion's start: core.config_version.config_guard), so a revocation still applies at once."""
     entry = cached(("token", raw[:LOOKUP_PREFIX_LENGTH]))
-    return entry if entry is not None and _token_usable(entry[1], raw) else None
+    if entry is None or not _token_usable(entry[1], raw):
+        return None
+    return Caller(entry[1], entry[0], confirmed=False)
 
 
-def token_reload(*, token: ApiToken) -> tuple[int, ApiToken]:
-    """(The configuration version, the token as the database has it now), after the configuration changed
-    under a request that had it; AuthenticationError when it was revoked, expired or deleted meanwhile."""
+def token_reload(*, token: ApiToken) -> Caller:
+    """The caller as the database has it now, after the configuration changed under a request that had it;
+    AuthenticationError when its token was revoked, expired or deleted meanwhile."""
     version = version_check()
     fresh = _token_read(token.prefix, version)
     if fresh is None or fresh.pk != token.pk or not _token_live(fresh):
         raise AuthenticationError(INVALID_TOKEN_MESSAGE)
     keep(("token", token.prefix), fresh, version=version)
-    return version, fresh
+    return Caller(fresh, version)
 
 
 def token_error_first(*, raw: str, error: Exception) -> Exception:

@@ -254,7 +254,7 @@ def test_a_charge_links_to_the_tool_executions_and_approval_it_paid_for(acme: Se
     claim = approval_resume_claim(
         token=acme.token,
         approval=paused.approval,
-        tools_in_scope={tool.pk for tool in Tool.objects.all()},
+        tools={tool.pk: tool for tool in Tool.objects.all()},
         approved=set(),
         denied={},
         hold_amount_for=lambda calls: 50,

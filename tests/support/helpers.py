@@ -42,5 +42,5 @@ def live_token(raw: str):
     """The live ApiToken of a bearer secret, or None (chat.services.tokens.token_authenticate's token)."""
     from chat.services.tokens import token_authenticate
 
-    found = token_authenticate(raw)
-    return found[1] if found else None
+    caller = token_authenticate(raw)
+    return caller.token if caller else None

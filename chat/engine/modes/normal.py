@@ -14,7 +14,8 @@ from chat.engine.rounds import pause, round_record, tool_specs, tools_run
 from chat.engine.run import Answer, Pause, Progress, Run, partial_usage
 from chat.metrics import upstream_error_count
 from core.errors import KiteMeshError, UpstreamError
-from core.models import Mode, Step, ToolExecution
+from core.models import Mode, Step
+from core.sql import sql_insert
 
 MAX_TOOL_ROUNDS = 8  # brain calls that ask for tools, in a row, before the run is stopped
 
@@ -45,7 +46,7 @@ async def run_events(run: Run) -> AsyncIterator[str | Progress | Answer | Pause]
         if any(c.requires_approval for c in calls):
             yield await pause(run, calls)
             return
-        await run.db(ToolExecution.objects.bulk_create, objs=calls)
+        await run.db(sql_insert, objs=calls)
         async for progress in tools_run(run, calls):
             yield progress
     raise UpstreamError(
