@@ -12,12 +12,12 @@ from django.utils import timezone
 from approvals import events
 from approvals.recovery import execution_lapsed, execution_recover
 from approvals.services import WAITING, approval_announce, approval_expire_if_due
-from billing.ledger import hold_resize
+from billing.ledger import ledger
 from billing.models import Hold
 from core.errors import Conflict, Expired, InvalidRequest, NotFound, PermissionDenied
 from core.models import ApiToken, Approval, Execution, Group, Tool, ToolExecution
 from core.runs import lease_deadline
-from core.sql import db_value, for_update, sql_instances, sql_rows, sql_update, table
+from core.sql import db_value, for_update, sql_instances, sql_update, table
 
 Status = ToolExecution.Status
 
@@ -120,15 +120,13 @@ def _claim(
     if approval.status == Approval.Status.EXPIRED:
         raise Expired("This approval has expired.", param="approval_id")
     with transaction.atomic(durable=True):
-        status = sql_rows(
-            f"SELECT status FROM {table(Approval)} WHERE id = %s{for_update()}", [db_value(Approval, "id", approval.pk)]
-        )[0][0]
         execution = sql_instances(
             Execution,
-            f"SELECT * FROM {table(Execution)} WHERE id = %s",
-            [db_value(Execution, "id", approval.execution_id)],
+            f"SELECT e.*, a.status AS approval_status FROM {table(Execution)} e JOIN {table(Approval)} a"
+            f" ON a.execution_id = e.id WHERE a.id = %s{for_update(of='a')}",
+            [db_value(Approval, "id", approval.pk)],
         )[0]
-        if status not in WAITING:
+        if execution.approval_status not in WAITING:
             if execution_lapsed(execution):
                 raise _RunLapsed()
             raise Conflict("This approval was already resumed.", code="approval_already_resumed")
@@ -146,7 +144,7 @@ def _claim(
         if decisions:
             approval_announce(approval, events.DECIDED, waiting=0)
         approval_announce(approval, events.RESUMED)
-        hold = hold_resize(execution=execution, amount=hold_amount_for(round_calls))
+        hold = ledger().hold_resize(execution=execution, amount=hold_amount_for(round_calls))
         execution.status, execution.lease_expires_at = Execution.Status.RUNNING, lease_deadline()
         sql_update(execution, ["status", "lease_expires_at"])
     return ResumeClaim(approval=approval, execution=execution, tool_executions=round_calls, hold=hold)

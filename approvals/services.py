@@ -15,7 +15,7 @@ from django.utils import timezone
 from approvals import events
 from approvals.events import approval_event_send
 from approvals.webhooks import approval_webhook_record
-from billing.ledger import Settlement, credits_round, hold_open, holds_release, ledger, steps_cost
+from billing.ledger import Settlement, credits_round, holds_release, ledger, steps_cost
 from billing.models import Hold
 from core.errors import Conflict
 from core.models import Approval, Execution, Group, Step, ToolExecution
@@ -86,7 +86,7 @@ def approval_pause(
                 answer["kitemesh"]["credits_charged"] = charged
             Execution.objects.filter(pk=execution.pk).update(response=execution.response)
         if hold_amount > 0:  # while it waits, the execution's one active hold
-            hold_open(execution=execution, amount=hold_amount)
+            ledger().hold_open(execution=execution, amount=hold_amount)
         approval_announce(approval, events.CREATED, waiting=sum(te.requires_approval for te in tool_executions))
     return Paused(approval=approval)
 

@@ -87,10 +87,13 @@ def guard_holds(guard: Guard) -> bool:
     return bool(sql_rows(*guard.sql()))
 
 
-def for_update() -> str:
-    """The row-lock clause, where the database has one (SQLite locks the whole file for a write
-    transaction instead: see DATABASES' transaction_mode)."""
-    return " FOR UPDATE" if _db().features.has_select_for_update else ""
+def for_update(of: str = "") -> str:
+    """The row-lock clause (of the rows of the table or alias `of` alone, in a join), where the database
+    has one (SQLite locks the whole file for a write transaction instead: see DATABASES'
+    transaction_mode)."""
+    if not _db().features.has_select_for_update:
+        return ""
+    return f" FOR UPDATE OF {of}" if of else " FOR UPDATE"
 
 
 def db_value(model: type[Model], field: str, value: Any) -> Any:
@@ -143,9 +146,14 @@ def _insert_statement(model: type[Model], rows: int, vendor: str) -> tuple[str, 
     return statement, fields
 
 
-def sql_update(obj: Model, fields: Sequence[str]) -> int:
-    """save(update_fields=fields) of a saved instance, in one statement; how many rows it changed."""
-    return sql_count(*update_statement(obj, fields))
+def sql_update(obj: Model, fields: Sequence[str], *, only_if: dict[str, Any] | None = None) -> int:
+    """save(update_fields=fields) of a saved instance, in one statement; how many rows it changed. With
+    `only_if` ({field: value}), only while the row still has those values (a compare-and-set)."""
+    statement, params = update_statement(obj, fields)
+    for name, value in (only_if or {}).items():
+        statement += f" AND {_db().ops.quote_name(obj._meta.get_field(name).column)} = %s"
+        params.append(db_value(type(obj), name, value))
+    return sql_count(statement, params)
 
 
 def update_statement(obj: Model, fields: Sequence[str], **exprs: str) -> tuple[str, list[Any]]:

@@ -17,7 +17,7 @@ from core.envelope import error_record
 from core.errors import Conflict, InternalError, KiteMeshError
 from core.models import ApiToken, Execution, Group, Step, ToolExecution
 from core.runs import lease_deadline, tool_calls_of
-from core.sql import Guard, guard_holds
+from core.sql import Guard, guard_holds, sql_update
 
 logger = logging.getLogger(__name__)
 
@@ -171,23 +171,23 @@ def execution_fail(*, execution: Execution, hold: Hold | None, steps: list[Step]
 
 def tool_execution_start(*, tool_execution: ToolExecution) -> bool:
     """approved → running (or, for an idempotent tool's call whose outcome a crash left unknown, unknown →
-    running), once: False when another path already took it."""
-    if tool_execution.status not in (ToolExecution.Status.APPROVED, ToolExecution.Status.UNKNOWN):
+    running), once: False, the instance unchanged, when another path already took it."""
+    previous = tool_execution.status
+    if previous not in (ToolExecution.Status.APPROVED, ToolExecution.Status.UNKNOWN):
         return False
-    return bool(
-        ToolExecution.objects.filter(pk=tool_execution.pk, status=tool_execution.status).update(
-            status=ToolExecution.Status.RUNNING, started_at=timezone.now()
-        )
-    )
+    tool_execution.status, tool_execution.started_at = ToolExecution.Status.RUNNING, timezone.now()
+    if sql_update(tool_execution, ["status", "started_at"], only_if={"status": previous}):
+        return True
+    tool_execution.status, tool_execution.started_at = previous, None
+    return False
 
 
 def tool_execution_finish(
     *, tool_execution: ToolExecution, ok: bool, status_code: int | None, body: str, error: str
 ) -> None:
-    ToolExecution.objects.filter(pk=tool_execution.pk, status=ToolExecution.Status.RUNNING).update(
-        status=ToolExecution.Status.SUCCEEDED if ok else ToolExecution.Status.FAILED,
-        response_status=status_code,
-        response_body=body,
-        error=error[:500],
-        finished_at=timezone.now(),
-    )
+    """running → succeeded or failed, with what the tool answered (nothing when recovery took it first)."""
+    tool_execution.status = ToolExecution.Status.SUCCEEDED if ok else ToolExecution.Status.FAILED
+    tool_execution.response_status, tool_execution.response_body = status_code, body
+    tool_execution.error, tool_execution.finished_at = error[:500], timezone.now()
+    fields = ["status", "response_status", "response_body", "error", "finished_at"]
+    sql_update(tool_execution, fields, only_if={"status": ToolExecution.Status.RUNNING})

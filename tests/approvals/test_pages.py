@@ -24,7 +24,7 @@ from django.utils import timezone
 from approvals import events
 from approvals.events import ALL_TEAMS_CHANNEL, ApprovalChannelManager, team_channel
 from approvals.services import approval_decide, approval_pause
-from billing.ledger import hold_open
+from billing.ledger import ledger
 from billing.models import Hold
 from chat.engine.tools import tool_risk
 from core.models import Approval, Execution, Group, Team, Tool, ToolExecution
@@ -393,7 +393,7 @@ def test_decisions_need_the_csrf_token(acme, ticket):
 
 def test_a_decision_on_an_expired_approval_changes_nothing_says_so_and_releases_the_hold(acme, ticket):
     approval = paused_approval(acme.group, [(ticket, TICKET_ARGUMENTS)])
-    hold = hold_open(execution=approval.execution, amount=2)  # the paused run's, as the pause takes it
+    hold = ledger().hold_open(execution=approval.execution, amount=2)  # the paused run's, as the pause takes it
     Approval.objects.filter(pk=approval.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
     [call] = waiting_calls(approval)
 

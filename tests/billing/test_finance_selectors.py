@@ -18,7 +18,7 @@ from approvals.services import approval_decide, approval_pause
 from billing import selectors
 from billing.charts import bar_chart
 from billing.forms import Period
-from billing.ledger import credits_grant, hold_open
+from billing.ledger import credits_grant, ledger
 from billing.models import LedgerEntry
 from chat.services.executions import execution_finish, execution_start
 from chat.services.tokens import token_create
@@ -117,7 +117,7 @@ def span(period: Period, *teams: Team) -> dict:
 
 def test_team_credits_show_balance_held_available_and_active_holds(acme: Setup, globex: Setup):
     execution = Execution.objects.create(team=acme.team, group=acme.group, request_id="req_held", mode="normal")
-    hold_open(execution=execution, amount=120)
+    ledger().hold_open(execution=execution, amount=120)
     credits_grant(team=acme.team, amount=-500, reason="correction", kind=LedgerEntry.Kind.ADJUSTMENT)
     nobody = Team.objects.create(name="empty")
 

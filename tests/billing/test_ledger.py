@@ -12,7 +12,7 @@ from django.core.management import call_command
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from billing.ledger import Ledger, Settlement, TransactionLedger, credits_grant, credits_round, hold_open
+from billing.ledger import Ledger, Settlement, TransactionLedger, credits_grant, credits_round, ledger
 from billing.ledger_postgresql import StatementLedger
 from billing.models import CreditAccount, Hold, LedgerEntry
 from core.errors import InsufficientCredits, InvalidRequest
@@ -78,6 +78,79 @@ def assert_ledger_matches_account(team: Team) -> None:
     acc = account(team)
     assert (acc.balance, acc.held) == (balance, held)
     assert acc.held == sum(Hold.objects.filter(team=team, status="active").values_list("amount", flat=True))
+
+
+def paused_run(setup: Setup, amount: int) -> Execution:
+    """A paused run whose hold (if `amount`) waits for its resume, opened by the backend under test."""
+    execution = execution_new(setup)
+    execution.status = Execution.Status.PAUSED
+    execution.save()
+    if amount:
+        with transaction.atomic():
+            _backend.hold_open(execution=execution, amount=amount)
+    return execution
+
+
+def resized(execution: Execution, amount: int) -> Hold | None:
+    with transaction.atomic():
+        return _backend.hold_resize(execution=execution, amount=amount)
+
+
+def test_hold_open_reserves_and_records_or_refuses_with_nothing_written(acme: Setup):
+    credits_grant(team=acme.team, amount=50, reason="start")
+    execution = paused_run(acme, 30)
+
+    assert (account(acme.team).balance, account(acme.team).held) == (50, 30)
+    with pytest.raises(InsufficientCredits, match="up to 21 credits; the team has 20 available"):
+        _backend.hold_open(execution=execution, amount=21)
+    assert Hold.objects.filter(execution=execution).count() == 1
+    assert_ledger_matches_account(acme.team)
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "entry"),
+    [(10, 25, ("hold", 15)), (25, 10, ("release", 15)), (10, 10, None), (0, 12, ("hold", 12))],
+    ids=["grow", "shrink", "same", "open"],
+)
+def test_hold_resize_moves_the_difference_and_records_it(acme: Setup, before: int, after: int, entry):
+    credits_grant(team=acme.team, amount=100, reason="start")
+    execution = paused_run(acme, before)
+    entries = LedgerEntry.objects.filter(team=acme.team).count()
+
+    hold = resized(execution, after)
+
+    assert hold is not None and hold.amount == after
+    assert Hold.objects.get(execution=execution, status="active").pk == hold.pk
+    assert Hold.objects.get(pk=hold.pk).amount == after
+    assert (account(acme.team).balance, account(acme.team).held) == (100, after)
+    written = LedgerEntry.objects.filter(team=acme.team).count() - entries
+    assert written == (0 if entry is None else 1)
+    if entry is not None:
+        assert (last_entry(acme.team).kind, last_entry(acme.team).amount) == entry
+        assert last_entry(acme.team).execution_id == execution.pk
+    assert_ledger_matches_account(acme.team)
+
+
+def test_hold_resize_to_zero_releases_the_hold(acme: Setup):
+    credits_grant(team=acme.team, amount=100, reason="start")
+    execution = paused_run(acme, 10)
+
+    assert resized(execution, 0) is None
+    assert not Hold.objects.filter(execution=execution, status="active").exists()
+    assert account(acme.team).held == 0
+    assert_ledger_matches_account(acme.team)
+
+
+def test_hold_resize_beyond_what_is_available_refuses_and_changes_nothing(acme: Setup):
+    credits_grant(team=acme.team, amount=30, reason="start")
+    execution = paused_run(acme, 10)
+
+    with pytest.raises(InsufficientCredits, match="up to 25 credits; the team has 20 available"):
+        resized(execution, 35)
+
+    assert Hold.objects.get(execution=execution, status="active").amount == 10
+    assert (account(acme.team).balance, account(acme.team).held) == (30, 10)
+    assert_ledger_matches_account(acme.team)
 
 
 def test_grant_adds_credits_and_writes_a_grant_entry(acme: Setup):
@@ -375,7 +448,7 @@ def test_the_sweep_settles_runs_whose_lease_lapsed_and_leaves_live_and_paused_on
         )
         Execution.objects.filter(pk=execution.pk).update(lease_expires_at=lease)
         with transaction.atomic():
-            runs[name] = hold_open(execution=execution, amount=10)
+            runs[name] = ledger().hold_open(execution=execution, amount=10)
     out = io.StringIO()
 
     call_command("sweep", stdout=out)

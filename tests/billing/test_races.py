@@ -8,7 +8,7 @@ from decimal import Decimal
 import pytest
 from django.db import connection, connections, transaction
 
-from billing.ledger import hold_open, hold_settle
+from billing.ledger import hold_settle, ledger
 from billing.models import CreditAccount, Hold, LedgerEntry
 from core.models import Execution
 from tests.conftest import make_setup
@@ -50,7 +50,7 @@ def test_forty_parallel_holds_take_exactly_what_the_balance_covers(transactional
         for i in range(40)
     ]
 
-    results = _in_threads(40, lambda i: hold_open(execution=executions[i], amount=10))
+    results = _in_threads(40, lambda i: ledger().hold_open(execution=executions[i], amount=10))
 
     outcomes = Counter(type(r).__name__ for r in results)
     assert outcomes == {"Hold": 5, "InsufficientCredits": 35}
@@ -66,7 +66,7 @@ def test_parallel_settles_never_take_the_balance_below_zero(transactional_db, up
     for i in range(10):
         execution = Execution.objects.create(team=setup.team, group=setup.group, request_id=f"req_s_{i}", mode="normal")
         with transaction.atomic():
-            holds.append(hold_open(execution=execution, amount=10))
+            holds.append(ledger().hold_open(execution=execution, amount=10))
 
     # Each run costs more than it held (an upstream that ignored max_tokens): the caps must hold under races.
     charged = _in_threads(10, lambda i: hold_settle(hold=holds[i], cost=Decimal("17.5")))
@@ -83,7 +83,7 @@ def test_a_hold_settled_twice_in_parallel_is_charged_once(transactional_db, upst
     setup = make_setup(upstream, credits=100)
     execution = Execution.objects.create(team=setup.team, group=setup.group, request_id="req_twice", mode="normal")
     with transaction.atomic():
-        hold = hold_open(execution=execution, amount=30)
+        hold = ledger().hold_open(execution=execution, amount=30)
 
     charged = _in_threads(8, lambda i: hold_settle(hold=hold, cost=Decimal(12)))
 

@@ -157,7 +157,7 @@ def _token_rows_read(statements: list[str]) -> list[str]:
 
 def _version_reads(statements: list[str]) -> list[str]:
     """core.config_version.config_version's reads (not the guard inside a run's start)."""
-    return [s for s in statements if '"core_configversion"."version"' in s]
+    return [s for s in statements if s.startswith('SELECT version FROM "core_configversion"')]
 
 
 @pytest.mark.parametrize("ends", ["revoked", "expired"])
