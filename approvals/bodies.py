@@ -39,6 +39,8 @@ def tool_execution_body(te: ToolExecution) -> dict:
         "path": url.path if url else None,
         "arguments": arguments,
         "requires_approval": te.requires_approval,
+        "approvals_required": te.approvals_required,
+        "approved_by": [given.username for given in te.approvals_given.all()] if te.approvals_required > 1 else [],
         "status": te.status,
         "reason": te.decision_reason,
     }

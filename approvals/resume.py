@@ -52,6 +52,12 @@ def _decisions_merge(
         recorded = None if te.decision is None else te.decision == "approved"
         if te_id in api and te.tool is not None and te.tool.approver == Tool.Approver.HUMAN:
             raise PermissionDenied(f"Tool {te.tool_name!r} can only be decided by a person on the approver page.")
+        if te_id in api and te.approvals_required > 1:
+            raise PermissionDenied(
+                f"Tool {te.tool_name!r} needs the approval of {te.approvals_required} different people on the"
+                " approver page; an API client cannot decide it.",
+                param="approved_tool_execution_ids" if te_id in approved else "denied_tools",
+            )
         if recorded is not None and te_id in api and api[te_id] != recorded:
             raise Conflict(f"Tool execution {te_id} was already decided otherwise.", code="decision_conflict")
         final[te_id] = api.get(te_id, recorded)

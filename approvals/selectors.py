@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.db.models import Exists, OuterRef, Prefetch, QuerySet
+from django.db.models import Exists, OuterRef, Prefetch, Q, QuerySet
 from django.utils import timezone
 
 from approvals.bodies import tool_execution_body
@@ -36,7 +36,7 @@ def approval_with_calls_get(*, approval_id: uuid.UUID) -> Approval:
     """The approval with its tool executions and their tools, for showing it (its access was checked)."""
     return (
         Approval.objects.select_related("execution", "group")
-        .prefetch_related("tool_executions__tool")
+        .prefetch_related("tool_executions__tool", "tool_executions__approvals_given")
         .get(pk=approval_id)
     )
 
@@ -81,6 +81,11 @@ def duration_label(seconds: int) -> str:
     return f"{secs} s"
 
 
+def approvals_label(te: ToolExecution) -> str:
+    """`1 of 2 approvals`, for a call that needs several people."""
+    return f"{len(te.approvals_given.all())} of {te.approvals_required} approvals"
+
+
 def age_label(moment: datetime.datetime, now: datetime.datetime) -> str:
     seconds = int((now - moment).total_seconds())
     return "just now" if seconds < 60 else f"{duration_label(seconds)} ago"
@@ -97,6 +102,8 @@ class QueueItem:
     needing: int  # calls that need one
     seconds_left: int
     requested: str  # how long ago the run paused
+    approvals: list[str]  # for calls that need several people: "refund: 1 of 2 approvals"
+    given: int  # approvals given to calls that need several people (a change the live queue shows)
 
     @property
     def time_left(self) -> str:
@@ -118,15 +125,23 @@ def _queue_queryset(*, team_ids: list[int], now: datetime.datetime) -> QuerySet[
         Approval.objects.filter(team_id__in=team_ids, status=Approval.Status.PENDING, expires_at__gt=now)
         .filter(_calls_pending())
         .select_related("group", "team")
-        .prefetch_related(Prefetch("tool_executions", queryset=ToolExecution.objects.order_by("position")))
+        .prefetch_related(
+            Prefetch(
+                "tool_executions",
+                queryset=ToolExecution.objects.prefetch_related("approvals_given").order_by("position"),
+            )
+        )
         .order_by("-created_at")
     )
 
 
 def _queue_item(approval: Approval, now: datetime.datetime) -> QueueItem:
     needing = [te for te in approval.tool_executions.all() if te.requires_approval]
+    several = [te for te in needing if te.approvals_required > 1 and te.status == ToolExecution.Status.PENDING]
     return QueueItem(
         approval=approval,
+        approvals=[f"{te.tool_name}: {approvals_label(te)}" for te in several],
+        given=sum(len(te.approvals_given.all()) for te in several),
         tools=[te.tool_name for te in needing],
         risk=highest_risk([te.risk for te in needing]),
         waiting=sum(te.status == ToolExecution.Status.PENDING for te in needing),
@@ -151,6 +166,7 @@ class CallView:
     arguments_text: str
     price: Decimal
     approver_human: bool
+    approvals: str  # "1 of 2 approvals" for a call that needs several people, else ""
 
 
 @dataclass
@@ -190,6 +206,7 @@ def _call_view(te: ToolExecution) -> CallView:
         arguments_text=json.dumps(body["arguments"], indent=2, ensure_ascii=False, sort_keys=True),
         price=te.tool.price if te.tool else Decimal(0),
         approver_human=bool(te.tool and te.tool.approver == Tool.Approver.HUMAN),
+        approvals=approvals_label(te) if te.approvals_required > 1 else "",
     )
 
 
@@ -211,7 +228,12 @@ def approval_detail_get(*, team_ids: list[int], approval_id: uuid.UUID) -> Appro
     approval = (
         Approval.objects.select_related("group", "team", "execution", "execution__token")
         .prefetch_related(
-            Prefetch("tool_executions", queryset=ToolExecution.objects.select_related("tool").order_by("position"))
+            Prefetch(
+                "tool_executions",
+                queryset=ToolExecution.objects.select_related("tool")
+                .prefetch_related("approvals_given")
+                .order_by("position"),
+            )
         )
         .filter(pk=approval_id, team_id__in=team_ids)
         .first()
@@ -243,9 +265,10 @@ def approval_detail_get(*, team_ids: list[int], approval_id: uuid.UUID) -> Appro
 
 
 def tool_execution_decided_list(*, team_ids: list[int]) -> QuerySet[ToolExecution]:
-    """Decisions (page or API) on calls that needed one, newest first: who, when, why."""
+    """Decisions on calls (the page's, API clients' and approval rules'), newest first: who, when, why."""
+    decided = Q(requires_approval=True) | Q(decided_via=ToolExecution.DecidedVia.RULE)
     return (
-        ToolExecution.objects.filter(approval__team_id__in=team_ids, requires_approval=True, decided_at__isnull=False)
-        .select_related("approval", "approval__group", "approval__team")
+        ToolExecution.objects.filter(decided, execution__team_id__in=team_ids, decided_at__isnull=False)
+        .select_related("execution__group", "execution__team")
         .order_by("-decided_at", "-id")
     )

@@ -18,7 +18,7 @@ from approvals.webhooks import approval_webhook_record
 from billing.ledger import Settlement, credits_round, holds_release, ledger, steps_cost
 from billing.models import Hold
 from core.errors import Conflict
-from core.models import Approval, Execution, Group, Step, ToolExecution
+from core.models import Approval, CallApproval, Execution, Group, Step, ToolExecution
 from core.runs import tool_calls_of
 from core.sql import sql_insert
 from core.timestamps import iso
@@ -174,30 +174,54 @@ def approval_decide(
     *, approval: Approval, tool_execution: ToolExecution, approve: bool, reason: str, actor: AbstractBaseUser
 ) -> None:
     """A decision from the approver page: recorded once, with who, when and why. The approval row lock
-    orders it against a resume claim, so a decision is either seen by the resume or refused."""
+    orders it against a resume claim, so a decision is either seen by the resume or refused, and orders
+    the people approving a call that needs several, so each counts once."""
     approval_expire_if_due(approval)
     with transaction.atomic(durable=True):
         _decidable_lock(approval)
-        decided = ToolExecution.objects.filter(
+        call = ToolExecution.objects.filter(
             pk=tool_execution.pk, approval=approval, requires_approval=True, status=Status.PENDING
-        ).update(**_decision_fields(approve=approve, reason=reason, actor=actor))
-        if not decided:
+        ).first()
+        if call is None:
             raise Conflict(
                 f"{tool_execution.tool_name} was already decided; nothing was changed.", code="decision_conflict"
+            )
+        if not _call_decide(call, approve=approve, reason=reason, actor=actor):
+            raise Conflict(
+                f"You already approved {call.tool_name}; it needs the approval of "
+                f"{call.approvals_required} different people.",
+                code="decision_conflict",
             )
         approval_announce(approval, events.DECIDED, waiting=_waiting(approval))
 
 
 def approval_decide_all(*, approval: Approval, approve: bool, reason: str, actor: AbstractBaseUser) -> int:
     """Approve or deny, in one transaction, every call of the approval still waiting for a decision (the
-    only way `batch` groups decide on the page); returns how many were decided."""
+    only way `batch` groups decide on the page); returns how many this person decided or approved."""
     approval_expire_if_due(approval)
     with transaction.atomic(durable=True):
         _decidable_lock(approval)
-        decided = ToolExecution.objects.filter(approval=approval, requires_approval=True, status=Status.PENDING).update(
-            **_decision_fields(approve=approve, reason=reason, actor=actor)
-        )
+        waiting = ToolExecution.objects.filter(approval=approval, requires_approval=True, status=Status.PENDING)
+        decided = sum(_call_decide(call, approve=approve, reason=reason, actor=actor) for call in waiting)
         if not decided:
             raise Conflict("Every tool call was already decided; nothing was changed.", code="decision_conflict")
-        approval_announce(approval, events.DECIDED, waiting=0)
+        approval_announce(approval, events.DECIDED, waiting=_waiting(approval))
     return decided
+
+
+def _call_decide(call: ToolExecution, *, approve: bool, reason: str, actor: AbstractBaseUser) -> bool:
+    """One person's decision on a waiting call, under its approval's lock: a deny denies; an approval
+    approves, or counts towards the `approvals_required` different people. False when this person had
+    approved it already (nothing is changed)."""
+    fields = _decision_fields(approve=approve, reason=reason, actor=actor)
+    if approve and call.approvals_required > 1:
+        given = CallApproval.objects.filter(tool_execution=call)
+        if given.filter(user=actor).exists():
+            return False
+        CallApproval.objects.create(tool_execution=call, user=actor, username=actor.get_username(), reason=reason[:500])
+        people = list(given.values_list("username", flat=True))
+        if len(people) < call.approvals_required:
+            return True
+        fields["decided_by"] = ", ".join(people)[:150]
+    ToolExecution.objects.filter(pk=call.pk, status=Status.PENDING).update(**fields)
+    return True

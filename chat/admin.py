@@ -1,3 +1,5 @@
+import functools
+
 from django import forms
 from django.contrib import admin
 from django.db import models
@@ -5,6 +7,7 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.urls import reverse
 
+from approvals.rules import rules_problem
 from chat.services.tokens import token_secret_new
 from core.models import (
     ApiToken,
@@ -72,8 +75,26 @@ class CustomModelAdmin(admin.ModelAdmin):
     list_filter = ["team", "provider"]
 
 
+class ToolForm(forms.ModelForm):
+    class Meta:
+        model = Tool
+        fields = [
+            *("team", "name", "description", "method", "url", "parameters", "auth_type", "auth_header"),
+            *("auth_secret", "requires_approval", "idempotent", "approver", "approvals_required"),
+            *("approval_rules", "risk", "price", "tags"),
+        ]
+        field_classes = {"url": functools.partial(forms.URLField, assume_scheme="https")}
+
+    def clean_approval_rules(self) -> list:
+        rules = self.cleaned_data["approval_rules"] or []
+        if (problem := rules_problem(rules)) is not None:
+            raise forms.ValidationError(f"{problem[0]}: {problem[1]}")
+        return rules
+
+
 @admin.register(Tool)
 class ToolAdmin(admin.ModelAdmin):
+    form = ToolForm
     formfield_overrides = URL_FIELDS
     list_display = ["name", "team", "method", "url", "requires_approval", "idempotent", "price"]
     list_filter = ["team", "requires_approval", "idempotent"]

@@ -189,7 +189,7 @@ def execution_for_token_get(*, token: ApiToken, execution_id: uuid.UUID) -> Exec
     """The execution with its steps and approvals; 404 unless it is a run the token's scope covers."""
     execution = (
         Execution.objects.select_related("group")
-        .prefetch_related("steps", "approvals")
+        .prefetch_related("steps__tool_execution", "approvals")
         .filter(runs_in_token_scope(token=token), pk=execution_id)
         .first()
     )

@@ -185,6 +185,8 @@ def group_tool(setup: Setup, tool_server: ToolServer, tools_on_loopback):
         url: str | None = None,
         group: Group | None = None,
         description: str = "",
+        approval_rules: list | None = None,
+        approvals_required: int = 1,
     ) -> Tool:
         tool = Tool.objects.create(
             team=setup.team,
@@ -197,6 +199,8 @@ def group_tool(setup: Setup, tool_server: ToolServer, tools_on_loopback):
             approver=approver,
             price=Decimal(str(price)),
             risk=risk,
+            approval_rules=approval_rules or [],
+            approvals_required=approvals_required,
         )
         (group or setup.group).tools.add(tool)
         return tool

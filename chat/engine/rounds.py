@@ -10,6 +10,9 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
 
+from django.utils import timezone
+
+from approvals.rules import APPROVE, ASK, RuleDecision, rule_decision
 from approvals.services import approval_pause
 from billing.pricing import tools_price
 from chat.engine.agents import Agent
@@ -63,19 +66,31 @@ def _tool_execution(run: Run, call: dict) -> ToolExecution:
     name = call["function"]["name"]
     tool = run.tools.get(name)
     arguments = call["function"]["arguments"] or "{}"
-    needs_approval = bool(tool and tool.requires_approval)
-    return ToolExecution(
+    tool_execution = ToolExecution(
         execution=run.execution,
         tool=tool,
         tool_name=name[:_TOOL_NAME_LENGTH],  # a longer name is no tool's: the model is told so
         call_id=call["id"],
         arguments=arguments,
         arguments_hash=arguments_hash(arguments),
-        requires_approval=needs_approval,
         risk=tool_risk(tool) if tool else (Tool.Risk.LOW if name == DELEGATE_TOOL else Tool.Risk.HIGH),
-        status=ToolExecution.Status.PENDING if needs_approval else ToolExecution.Status.APPROVED,
-        decided_via="" if needs_approval else ToolExecution.DecidedVia.AUTO,
     )
+    _decide(tool_execution, rule_decision(tool, arguments) if tool else None)
+    return tool_execution
+
+
+def _decide(call: ToolExecution, rule: RuleDecision | None) -> None:
+    """A new call's decision: its tool's first matching approval rule's, else its `requires_approval`."""
+    Status = ToolExecution.Status
+    if rule is not None and rule.then != ASK:
+        call.status = Status.APPROVED if rule.then == APPROVE else Status.DENIED
+        call.decided_via, call.decided_by, call.decided_at = ToolExecution.DecidedVia.RULE, rule.name, timezone.now()
+        call.decision_reason = rule.reason
+        return
+    call.requires_approval = rule is not None or bool(call.tool and call.tool.requires_approval)
+    call.approvals_required = call.tool.approvals_required if call.requires_approval and call.tool else 1
+    call.status = Status.PENDING if call.requires_approval else Status.APPROVED
+    call.decided_via = "" if call.requires_approval else ToolExecution.DecidedVia.AUTO
 
 
 async def tools_run(run: Run, calls: list[ToolExecution]) -> AsyncIterator[Progress]:
@@ -99,8 +114,8 @@ async def tool_message(run: Run, call: ToolExecution) -> str:
     if call.tool is None:
         return json.dumps({"error": f"There is no tool named {call.tool_name!r} for this request."})
     if call.status == ToolExecution.Status.DENIED:
-        reason = f": {call.decision_reason}" if call.decision_reason else ""
-        return json.dumps({"error": f"The tool call was denied by {call.decided_by or 'the approver'}{reason}"})
+        run.step_denied(call)
+        return json.dumps({"error": _denial(call)})
     if call.status in _COMPLETED:  # before a crash: its result is kept, it is not sent again
         return _recorded_result(call).model_content()
     if not _will_send(call):
@@ -119,6 +134,16 @@ async def tool_message(run: Run, call: ToolExecution) -> str:
         error=result.error,
     )
     return result.model_content()
+
+
+def _denial(call: ToolExecution) -> str:
+    """What the model is told of a denied call: by whom (a person, a token or a rule) and why."""
+    if call.decided_via == ToolExecution.DecidedVia.RULE:
+        by = f"the approval rule {call.decided_by!r}"
+    else:
+        by = call.decided_by or "the approver"
+    reason = f": {call.decision_reason}" if call.decision_reason else ""
+    return f"The tool call was denied by {by}{reason}"
 
 
 def _will_send(call: ToolExecution) -> bool:

@@ -153,6 +153,18 @@ class Run:
             )
         )
 
+    def step_denied(self, tool_execution: ToolExecution) -> None:
+        """A denied call as a step of its own (it never ran, it costs nothing): every call is on the record."""
+        self.steps.append(
+            Step(
+                execution=self.execution,
+                kind=Step.Kind.TOOL_CALL,
+                tool_execution=tool_execution,
+                model_name=tool_execution.tool_name,
+                status=Step.Status.DENIED,
+            )
+        )
+
     async def stopped(self, exc: BaseException) -> KiteMeshError | None:
         """Settle a run that stopped on `exc` (every way out of a run but its answer or pause comes here):
         cancelled when the client left, else failed. The error to answer with, None when there is no one

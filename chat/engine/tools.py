@@ -4,7 +4,6 @@ itself — SSRF-checked on every hop, pinned to the checked address, bounded in 
 import asyncio
 import codecs
 import copy
-import functools
 import json
 import logging
 from collections import OrderedDict
@@ -15,10 +14,10 @@ from typing import Any
 import httpx
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError, ValidationError, relevance
+from jsonschema.exceptions import ValidationError, relevance
 
 from chat.engine.clients import per_loop
+from core.json_schemas import schema_validator
 from core.models import Tool
 from core.pinned_http import pinned_send
 from core.redaction import REDACTED, secret_key
@@ -73,24 +72,13 @@ def tool_arguments_parse(tool: Tool, arguments: str) -> dict:
         raise ToolArgumentsInvalid(f"arguments are not valid JSON ({exc})") from None
     if not isinstance(value, dict):
         raise ToolArgumentsInvalid(f"arguments must be a JSON object, not {_JSON_KINDS.get(type(value), 'null')}")
-    validator = _validator(json.dumps(tool.parameters or {}, sort_keys=True))
+    validator = schema_validator(tool.parameters or {})
     if validator is None:
         raise ToolArgumentsInvalid(f"the tool {tool.name!r} has an invalid parameters schema")
     errors = sorted(validator.iter_errors(value), key=relevance, reverse=True)
     if errors:
         raise ToolArgumentsInvalid("; ".join(_error_text(e) for e in errors[:_MAX_REPORTED_ERRORS]))
     return value
-
-
-@functools.lru_cache(maxsize=1024)
-def _validator(schema: str) -> Draft202012Validator | None:
-    """The validator of a parameters schema (its JSON text), None when the schema itself is invalid; checking
-    a schema costs more than validating arguments against it, so each is checked once."""
-    try:
-        Draft202012Validator.check_schema(parsed := json.loads(schema))
-    except SchemaError:
-        return None
-    return Draft202012Validator(parsed)
 
 
 def _error_text(error: ValidationError) -> str:

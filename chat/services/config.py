@@ -12,10 +12,13 @@ import jsonschema
 import yaml
 from django.db import models, transaction
 
+from approvals.rules import RULES_SCHEMA, rules_problem
 from billing.ledger import credits_grant
 from billing.models import CreditAccount
 from chat.services.vault import secret_set
+from core.json_schemas import schema_problem
 from core.models import CustomModel, Group, GroupAgent, GroupFallback, Mode, Team, Tool, VaultSecret
+from core.models.config import APPROVALS_REQUIRED_MAX
 
 _NAME = {"type": "string", "minLength": 1, "maxLength": 100}
 _MONEY = {"type": "number", "minimum": 0}
@@ -105,6 +108,8 @@ CONFIG_SCHEMA: dict[str, Any] = {
                     "requires_approval": {"type": "boolean"},
                     "idempotent": {"type": "boolean"},
                     "approver": {"enum": [c.value for c in Tool.Approver]},
+                    "approvals_required": {"type": "integer", "minimum": 1, "maximum": APPROVALS_REQUIRED_MAX},
+                    "approval_rules": RULES_SCHEMA,
                     "risk": {"enum": [c.value for c in Tool.Risk]},
                     "price": _MONEY,
                     "tags": {"type": "array", "items": {"type": "string"}},
@@ -284,10 +289,11 @@ class _Applier:
     def apply_tools(self, index: int, entry: dict) -> None:
         team = self.team("tools", index, entry["team"])
         parameters = entry.get("parameters") or {"type": "object", "properties": {}}
-        try:
-            jsonschema.Draft202012Validator.check_schema(parameters)
-        except jsonschema.SchemaError as exc:
-            raise self.fail("tools", index, "parameters", f"not a valid JSON schema: {exc.message}") from exc
+        if (message := schema_problem(parameters)) is not None:
+            raise self.fail("tools", index, "parameters", f"not a valid JSON schema: {message}")
+        rules = entry.get("approval_rules", [])
+        if (problem := rules_problem(rules)) is not None:
+            raise self.fail("tools", index, *problem)
         auth = entry.get("auth") or {}
         secret = None
         if auth:
@@ -308,6 +314,8 @@ class _Applier:
                 "requires_approval": entry.get("requires_approval", False),
                 "idempotent": entry.get("idempotent", False),
                 "approver": entry.get("approver", Tool.Approver.ANY),
+                "approvals_required": entry.get("approvals_required", 1),
+                "approval_rules": rules,
                 "risk": entry.get("risk", ""),
                 "price": self.price("tools", index, "price", entry.get("price", 0)),
                 "tags": entry.get("tags", []),
@@ -335,6 +343,10 @@ class _Applier:
         ]
         if len({name for name, _, _ in agents}) != len(agents):
             raise self.fail("groups", index, "agents", "agent names must be unique (set 'name' to tell them apart)")
+        fallbacks = [
+            self.ref(CustomModel, "groups", index, "fallbacks", team=team, name=name)
+            for name in entry.get("fallbacks", [])
+        ]
         webhook_secret = None
         if entry.get("webhook_secret"):
             webhook_secret = self.ref(
@@ -355,28 +367,33 @@ class _Applier:
                 "webhook_secret": webhook_secret,
             },
         )
-        if {t.pk for t in group.tools.all()} != {t.pk for t in tools}:
-            group.tools.set(tools)
-            outcome = "updated" if outcome == "unchanged" else outcome
-        current = [(a.name, a.model_id, a.role) for a in group.agents.all()]
-        if current != [(name, model.pk, role) for name, model, role in agents]:
-            group.agents.all().delete()
-            GroupAgent.objects.bulk_create(
-                GroupAgent(group=group, name=name, model=model, role=role, position=pos)
-                for pos, (name, model, role) in enumerate(agents)
-            )
-            outcome = "updated" if outcome == "unchanged" else outcome
-        fallbacks = [
-            self.ref(CustomModel, "groups", index, "fallbacks", team=team, name=name)
-            for name in entry.get("fallbacks", [])
-        ]
-        if [f.model_id for f in group.fallbacks.all()] != [m.pk for m in fallbacks]:
-            group.fallbacks.all().delete()
-            GroupFallback.objects.bulk_create(
-                GroupFallback(group=group, model=model, position=pos) for pos, model in enumerate(fallbacks)
-            )
-            outcome = "updated" if outcome == "unchanged" else outcome
+        if _members_set(group, tools, agents, fallbacks) and outcome == "unchanged":
+            outcome = "updated"
         self.result.record(outcome, f"group {team.name}/{group.name} ({group.id})")
+
+
+def _members_set(
+    group: Group, tools: list[Tool], agents: list[tuple[str, CustomModel, str]], fallbacks: list[CustomModel]
+) -> bool:
+    """Make the group's tools, agents (in order) and fallbacks (in order) these; whether any changed."""
+    changed = False
+    if {t.pk for t in group.tools.all()} != {t.pk for t in tools}:
+        group.tools.set(tools)
+        changed = True
+    if [(a.name, a.model_id, a.role) for a in group.agents.all()] != [(n, m.pk, r) for n, m, r in agents]:
+        group.agents.all().delete()
+        GroupAgent.objects.bulk_create(
+            GroupAgent(group=group, name=name, model=model, role=role, position=pos)
+            for pos, (name, model, role) in enumerate(agents)
+        )
+        changed = True
+    if [f.model_id for f in group.fallbacks.all()] != [m.pk for m in fallbacks]:
+        group.fallbacks.all().delete()
+        GroupFallback.objects.bulk_create(
+            GroupFallback(group=group, model=model, position=pos) for pos, model in enumerate(fallbacks)
+        )
+        changed = True
+    return changed
 
 
 @transaction.atomic

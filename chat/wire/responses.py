@@ -93,7 +93,7 @@ def execution_body(execution: ExecutionRow) -> dict:
     steps = [
         {
             "kind": s.kind,
-            **({"tool": s.model_name} if s.kind == "tool_call" else {"model": s.model_name, "agent": s.agent or None}),
+            **(_tool_step(s) if s.kind == "tool_call" else {"model": s.model_name, "agent": s.agent or None}),
             "status": s.status,
             "prompt_tokens": s.prompt_tokens,
             "completion_tokens": s.completion_tokens,
@@ -121,6 +121,16 @@ def execution_body(execution: ExecutionRow) -> dict:
     }
 
 
+def _tool_step(step: Step) -> dict:
+    """A tool call's step: the tool, and who decided the call (a rule, a person, a token, or no one)."""
+    te = step.tool_execution
+    return {
+        "tool": step.model_name,
+        "decided_via": (te.decided_via or None) if te else None,
+        "decided_by": (te.decided_by or None) if te else None,
+    }
+
+
 # --- What the answers are, for the OpenAPI document -------------------------------------------------------------
 
 
@@ -129,6 +139,10 @@ class _Answer(BaseModel):
 
 
 NonNegative = Annotated[int, Field(ge=0)]
+_DECIDED_VIA = (
+    "`auto` (needed no approval), `api` (POST /v1/chat/resume), `ui` (the approver page) or `rule` (one of the"
+    " tool's approval rules)."
+)
 
 
 class Usage(_Answer):
@@ -265,14 +279,17 @@ class ApprovalToolExecution(_Answer):
     arguments: Annotated[Any, Field(description="The arguments as JSON, with secret values redacted.")]
     risk: Literal[tuple(Tool.Risk.values)]
     requires_approval: bool
+    approvals_required: Annotated[
+        int, Field(ge=1, description="Different people who must approve it on the approver page (SPEC §6).")
+    ]
+    approved_by: Annotated[
+        list[str], Field(description="Who approved it so far, when it needs several people; else empty.")
+    ]
     status: Literal[tuple(ToolExecution.Status.values)]
     decision: Literal["approved", "denied"] | None
     reason: str
-    decided_by: Annotated[str | None, Field(description="A user name, or `token:<name>`.")]
-    decided_via: Annotated[
-        Literal[tuple(ToolExecution.DecidedVia.values)] | None,
-        Field(description="`auto` (needed no approval), `api` (POST /v1/chat/resume) or `ui` (the approver page)."),
-    ]
+    decided_by: Annotated[str | None, Field(description="A user name, `token:<name>`, or the approval rule's name.")]
+    decided_via: Annotated[Literal[tuple(ToolExecution.DecidedVia.values)] | None, Field(description=_DECIDED_VIA)]
     decided_at: datetime.datetime | None
 
 
@@ -307,10 +324,12 @@ class ModelCallStep(_Step):
 
 
 class ToolCallStep(_Step):
-    """A tool run."""
+    """A tool call: run, or `denied` (by a person, a token or an approval rule) and never sent."""
 
     kind: Literal["tool_call"]
     tool: str
+    decided_via: Annotated[Literal[tuple(ToolExecution.DecidedVia.values)] | None, Field(description=_DECIDED_VIA)]
+    decided_by: Annotated[str | None, Field(description="A user name, `token:<name>`, or the approval rule's name.")]
 
 
 class ExecutionApproval(_Answer):

@@ -13,13 +13,14 @@ from core.models.config import (
     Tool,
     VaultSecret,
 )
-from core.models.runs import Approval, Execution, Step, ToolExecution
+from core.models.runs import Approval, CallApproval, Execution, Step, ToolExecution
 from core.models.teams import RateLimits, Team
 from core.models.webhooks import WebhookDelivery
 
 __all__ = [
     "ApiToken",
     "Approval",
+    "CallApproval",
     "ConfigVersion",
     "CustomModel",
     "Execution",

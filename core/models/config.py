@@ -5,10 +5,13 @@ import secrets
 import uuid
 from decimal import Decimal
 
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
 
 from core.models.teams import RateLimits, Team
+
+APPROVALS_REQUIRED_MAX = 5  # a two-person rule, or a few more; not a vote
 
 
 class VaultSecret(models.Model):
@@ -100,6 +103,19 @@ class Tool(models.Model):
         "is sent again when its approval is resumed.",
     )
     approver = models.CharField(max_length=10, choices=Approver.choices, default=Approver.ANY)
+    approvals_required = models.PositiveSmallIntegerField(
+        default=1,
+        validators=[MinValueValidator(1), MaxValueValidator(APPROVALS_REQUIRED_MAX)],
+        help_text="How many different people must approve a call on the approver page (more than 1: API "
+        "clients cannot decide it; one deny denies).",
+    )
+    approval_rules = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Ordered rules, the first whose `when` (a JSON Schema) the arguments satisfy decides: "
+        '[{"name": "small", "when": {"properties": {"amount": {"maximum": 50}}}, "then": "approve"}]; '
+        "`then` is approve, deny (with a `reason` for the model) or ask.",
+    )
     risk = models.CharField(max_length=10, choices=Risk.choices, blank=True, help_text="Overrides the method's.")
     price = models.DecimalField(max_digits=16, decimal_places=6, default=Decimal(0))
     tags = models.JSONField(default=list, blank=True)

@@ -76,6 +76,7 @@ class Step(models.Model):
         SUCCEEDED = "succeeded"
         FAILED = "failed"
         CANCELLED = "cancelled"
+        DENIED = "denied"  # a call a person or a rule denied: it never ran
 
     execution = models.ForeignKey(Execution, on_delete=models.CASCADE, related_name="steps")
     kind = models.CharField(max_length=20, choices=Kind.choices)
@@ -129,6 +130,7 @@ class ToolExecution(models.Model):
         AUTO = "auto", "No approval needed"
         API = "api", "API client"
         UI = "ui", "Approver page"
+        RULE = "rule", "Approval rule"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4)
     execution = models.ForeignKey(Execution, on_delete=models.CASCADE, related_name="tool_executions")
@@ -142,6 +144,9 @@ class ToolExecution(models.Model):
     arguments = EncryptedTextField(help_text="The arguments JSON exactly as the model produced it (encrypted at rest).")
     arguments_hash = models.CharField(max_length=64)
     requires_approval = models.BooleanField(default=False)
+    approvals_required = models.PositiveSmallIntegerField(
+        default=1, help_text="Different people whose approval it needs (its tool's, when it was called)."
+    )
     risk = models.CharField(max_length=10, choices=Tool.Risk.choices)
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
     decided_via = models.CharField(max_length=4, choices=DecidedVia.choices, blank=True)
@@ -171,6 +176,25 @@ class ToolExecution(models.Model):
         if self.status == self.Status.PENDING:
             return None
         return "denied" if self.status == self.Status.DENIED else "approved"
+
+
+class CallApproval(models.Model):
+    """One person's approval of a call that needs several (its `approvals_required`). The call is approved
+    when it has enough; a person counts once (the unique constraint, whatever the races)."""
+
+    tool_execution = models.ForeignKey(ToolExecution, on_delete=models.CASCADE, related_name="approvals_given")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    username = models.CharField(max_length=150)
+    reason = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        db_table = "approvals_callapproval"
+        ordering = ["created_at", "id"]
+        constraints = [models.UniqueConstraint(fields=["tool_execution", "user"], name="call_approved_once_per_user")]
+
+    def __str__(self) -> str:
+        return f"{self.username} approved {self.tool_execution_id}"
 
 
 class Approval(models.Model):

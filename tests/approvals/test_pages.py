@@ -326,7 +326,7 @@ def test_the_detail_shows_each_call_redacted_as_the_api_does_with_the_last_user_
     assert "4 credits if they run" in page  # ceil(2 + 1.5 + 0.25)
     # The grant of 1000, of which the approval holds 4: what the team can still spend.
     assert "1000 credits, 4 held, <strong>996 available</strong>" in page
-    assert "Also in this round, without approval" in page and "lookup" in page
+    assert "Also in this round, without a person's decision" in page and "lookup" in page
     assert page.count('name="decision" value="deny"') == 3  # two calls and "deny all"
     assert 'for="reason-' in page  # every reason field has its label
 

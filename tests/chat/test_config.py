@@ -385,6 +385,33 @@ BAD_FILES = [
         id="parameters-not-a-json-schema",
     ),
     pytest.param(
+        lambda d: d["tools"][0].update(
+            approval_rules=[
+                {"name": "small", "when": {"properties": {"priority": {"const": "low"}}}, "then": "approve"},
+                {"name": "odd", "when": {"properties": {"priority": {"type": "strng"}}}, "then": "deny"},
+            ]
+        ),
+        ["tools[0] (create_ticket)", "field approval_rules[1].when", "not a valid JSON Schema"],
+        id="rule-when-not-a-json-schema",
+    ),
+    pytest.param(
+        lambda d: d["tools"][0].update(approvals_required=0),
+        ["tools[0] (create_ticket)", "field approvals_required", "minimum"],
+        id="approvals-required-zero",
+    ),
+    pytest.param(
+        lambda d: d["tools"][0].update(approval_rules=[{"name": "r", "when": {}, "then": "maybe"}]),
+        ["tools[0] (create_ticket)", "field approval_rules.0.then", "maybe"],
+        id="rule-then-unknown",
+    ),
+    pytest.param(
+        lambda d: d["tools"][0].update(
+            approval_rules=[{"name": "r", "when": {}, "then": "ask"}, {"name": "r", "when": {}, "then": "deny"}]
+        ),
+        ["tools[0] (create_ticket)", "field approval_rules[1].name", "names two rules"],
+        id="rule-names-twice",
+    ),
+    pytest.param(
         _other_team_owns_the_group_id,
         ["groups[1] (support)", "field id", "another team"],
         id="group-id-of-another-team",
@@ -476,3 +503,12 @@ def test_demo_config_applies_cleanly_and_idempotently(db):
     assert (group.team.name, group.brain.provider, group.mode) == ("demo", "scripted", "normal")
     assert [(t.name, t.requires_approval) for t in group.tools.all()] == [("health_check", True)]
     assert CreditAccount.objects.get(team=group.team).balance == 1000
+
+
+def test_approval_rules_and_approvals_required_are_applied(db, tmp_path: Path, crm_env: str):
+    rules = [{"name": "low-priority", "when": {"properties": {"priority": {"const": "low"}}}, "then": "approve"}]
+
+    apply(write_config(tmp_path, _case(lambda d: d["tools"][0].update(approval_rules=rules, approvals_required=2))))
+
+    tool = Tool.objects.get(name="create_ticket")
+    assert (tool.approval_rules, tool.approvals_required) == (rules, 2)
