@@ -1,4 +1,5 @@
-"""The decision form of the approver page: one tool call (or all of them) approved or denied, with a reason."""
+"""The decision form of the approver page: one tool call (or all of them) approved or denied, with a reason;
+one call approved with edited arguments."""
 
 import uuid
 
@@ -17,6 +18,7 @@ class ApprovalDecisionForm(forms.Form):
     tool_execution = forms.CharField(max_length=36)
     decision = forms.ChoiceField(choices=[("approve", "Approve"), ("deny", "Deny")])
     reason = forms.CharField(max_length=500, required=False)
+    arguments = forms.CharField(max_length=65536, required=False, strip=False)  # an edit: JSON of an object
 
     def __init__(self, *args, detail: ApprovalDetail, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -37,6 +39,11 @@ class ApprovalDecisionForm(forms.Form):
             if call.tool_execution.id == wanted:
                 return call.tool_execution
         raise forms.ValidationError("Not a tool call of this approval.")
+
+    def clean_arguments(self) -> str | None:
+        """The edited arguments, or None when the approver changed nothing."""
+        value = self.cleaned_data["arguments"]
+        return value if value.strip() else None
 
     @property
     def approve(self) -> bool:

@@ -4,6 +4,7 @@ approval with its costs, the history of decisions)."""
 import datetime
 import json
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -11,7 +12,7 @@ from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db.models import Exists, OuterRef, Prefetch, Q, QuerySet
 from django.utils import timezone
 
-from approvals.bodies import tool_execution_body
+from approvals.bodies import tool_execution_body, tool_execution_decision
 from billing.pricing import tools_price
 from billing.selectors import credit_account_get
 from core.errors import NotFound
@@ -167,6 +168,9 @@ class CallView:
     price: Decimal
     approver_human: bool
     approvals: str  # "1 of 2 approvals" for a call that needs several people, else ""
+    original_text: str = ""  # the model's arguments (redacted) when an approver edited them
+    edit_text: str = ""  # what the edit box holds: the arguments shown, or an edit the page refused
+    edit_error: str = ""  # why the page refused that edit
 
 
 @dataclass
@@ -200,13 +204,16 @@ class ApprovalDetail:
 
 def _call_view(te: ToolExecution) -> CallView:
     body = tool_execution_body(te)
+    arguments_text = json.dumps(body["arguments"], indent=2, ensure_ascii=False, sort_keys=True)
     return CallView(
         tool_execution=te,
         body=body,
-        arguments_text=json.dumps(body["arguments"], indent=2, ensure_ascii=False, sort_keys=True),
+        arguments_text=arguments_text,
         price=te.tool.price if te.tool else Decimal(0),
         approver_human=bool(te.tool and te.tool.approver == Tool.Approver.HUMAN),
         approvals=approvals_label(te) if te.approvals_required > 1 else "",
+        original_text=json.dumps(body["original_arguments"], ensure_ascii=False, sort_keys=True) if te.edited else "",
+        edit_text=arguments_text,
     )
 
 
@@ -272,3 +279,27 @@ def tool_execution_decided_list(*, team_ids: list[int]) -> QuerySet[ToolExecutio
         .select_related("execution__group", "execution__team")
         .order_by("-decided_at", "-id")
     )
+
+
+@dataclass
+class DecisionRow:
+    """A decision in the history: the call, and an approver's edit as the redacted model's arguments and
+    the redacted ones that ran (None when it was not edited)."""
+
+    tool_execution: ToolExecution
+    edit: tuple[str, str] | None
+
+
+def decision_rows(tool_executions: Iterable[ToolExecution]) -> list[DecisionRow]:
+    rows = []
+    for te in tool_executions:
+        edit = None
+        if te.edited:
+            shown = tool_execution_decision(te)
+            edit = (_json_text(shown["original_arguments"]), _json_text(shown["arguments"]))
+        rows.append(DecisionRow(te, edit))
+    return rows
+
+
+def _json_text(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)

@@ -4,6 +4,7 @@ lock. Every change is announced after commit (approvals.events for browsers, app
 group's receiver)."""
 
 import copy
+import json
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -13,14 +14,16 @@ from django.db import transaction
 from django.utils import timezone
 
 from approvals import events
+from approvals.edits import edit_apply, edit_check
 from approvals.events import approval_event_send
 from approvals.webhooks import approval_webhook_record
 from billing.ledger import Settlement, credits_round, holds_release, ledger, steps_cost
 from billing.models import Hold
-from core.errors import Conflict
+from core.errors import Conflict, InvalidRequest
 from core.models import Approval, CallApproval, Execution, Group, Step, ToolExecution
+from core.redaction import redacted_kept
 from core.runs import tool_calls_of
-from core.sql import sql_insert
+from core.sql import sql_insert, sql_update
 from core.timestamps import iso
 
 Status = ToolExecution.Status
@@ -171,11 +174,19 @@ def _waiting(approval: Approval) -> int:
 
 
 def approval_decide(
-    *, approval: Approval, tool_execution: ToolExecution, approve: bool, reason: str, actor: AbstractBaseUser
+    *,
+    approval: Approval,
+    tool_execution: ToolExecution,
+    approve: bool,
+    reason: str,
+    actor: AbstractBaseUser,
+    arguments: str | None = None,
 ) -> None:
-    """A decision from the approver page: recorded once, with who, when and why. The approval row lock
-    orders it against a resume claim, so a decision is either seen by the resume or refused, and orders
-    the people approving a call that needs several, so each counts once."""
+    """A decision from the approver page: recorded once, with who, when and why; with `arguments`, an
+    approval of the call with those arguments instead of the model's (approvals.edits: 400 or 403, nothing
+    decided, when they fail its schema or a rule denies them). The approval row lock orders it against a
+    resume claim, so a decision is either seen by the resume or refused, and orders the people approving a
+    call that needs several, so each counts once."""
     approval_expire_if_due(approval)
     with transaction.atomic(durable=True):
         _decidable_lock(approval)
@@ -186,6 +197,8 @@ def approval_decide(
             raise Conflict(
                 f"{tool_execution.tool_name} was already decided; nothing was changed.", code="decision_conflict"
             )
+        if arguments is not None:
+            _edit(call, arguments, approve=approve)
         if not _call_decide(call, approve=approve, reason=reason, actor=actor):
             raise Conflict(
                 f"You already approved {call.tool_name}; it needs the approval of "
@@ -207,6 +220,26 @@ def approval_decide_all(*, approval: Approval, approve: bool, reason: str, actor
             raise Conflict("Every tool call was already decided; nothing was changed.", code="decision_conflict")
         approval_announce(approval, events.DECIDED, waiting=_waiting(approval))
     return decided
+
+
+def _edit(call: ToolExecution, arguments: str, *, approve: bool) -> None:
+    """A page's edit, checked and written before its approval: a call that needs several people starts
+    counting again, since the approvals it had were of other arguments."""
+    if not approve:
+        raise InvalidRequest("An edit approves the call: deny it without arguments.", param="arguments")
+    arguments = _secrets_kept(arguments, call.arguments)
+    edit_check(call, arguments, param="arguments")
+    sql_update(call, edit_apply(call, arguments))
+    CallApproval.objects.filter(tool_execution=call).delete()
+
+
+def _secrets_kept(edited: str, model: str) -> str:
+    """The page shows arguments redacted: a value its approver left "[redacted]" keeps the model's value."""
+    try:
+        value, original = json.loads(edited), json.loads(model)
+    except ValueError:
+        return edited  # the schema check says what is wrong
+    return json.dumps(redacted_kept(value, original), ensure_ascii=False)
 
 
 def _call_decide(call: ToolExecution, *, approve: bool, reason: str, actor: AbstractBaseUser) -> bool:

@@ -24,10 +24,12 @@ from approvals.selectors import (
     approval_queue_list,
     approver_team_ids,
     approver_teams_list,
+    decision_rows,
     tool_execution_decided_list,
 )
 from approvals.services import approval_decide, approval_decide_all
 from core.errors import KiteMeshError, NotFound
+from core.models import ToolExecution
 
 HISTORY_PAGE_SIZE = 50
 # django-eventstream accepts at most 10 channels per stream: a member of many teams gets several streams.
@@ -100,6 +102,7 @@ def approval_decide_view(request: HttpRequest, approval_id: uuid.UUID) -> HttpRe
                 messages.error(request, error)
         return redirect("approvals:detail", approval_id=approval_id)
     tool_execution, reason = form.cleaned_data["tool_execution"], form.cleaned_data["reason"]
+    edit = form.cleaned_data["arguments"] if tool_execution is not None else None
     verb = "Approved" if form.approve else "Denied"
     try:
         if tool_execution is None:
@@ -114,11 +117,23 @@ def approval_decide_view(request: HttpRequest, approval_id: uuid.UUID) -> HttpRe
                 approve=form.approve,
                 reason=reason,
                 actor=request.user,
+                arguments=edit,
             )
-            messages.success(request, f"{verb} {tool_execution.tool_name}.")
+            messages.success(request, f"{verb} {tool_execution.tool_name}{' with edited arguments' if edit else ''}.")
     except KiteMeshError as exc:
+        if edit is not None:  # shown in place, the edit kept for the approver to fix
+            return _edit_refused(request, detail, tool_execution, edit, exc.message)
         messages.error(request, exc.message)
     return redirect("approvals:detail", approval_id=approval_id)
+
+
+def _edit_refused(
+    request: HttpRequest, detail: ApprovalDetail, tool_execution: ToolExecution, edit: str, error: str
+) -> HttpResponse:
+    for call in detail.calls:
+        if call.tool_execution.id == tool_execution.id:
+            call.edit_text, call.edit_error = edit, error
+    return render(request, "approvals/detail.html", {"detail": detail}, status=400)
 
 
 @require_GET
@@ -126,7 +141,7 @@ def approval_decide_view(request: HttpRequest, approval_id: uuid.UUID) -> HttpRe
 def approval_history_view(request: HttpRequest) -> HttpResponse:
     decisions = tool_execution_decided_list(team_ids=_team_ids(request))
     page = Paginator(decisions, HISTORY_PAGE_SIZE).get_page(request.GET.get("page"))
-    return render(request, "approvals/history.html", {"page": page})
+    return render(request, "approvals/history.html", {"page": page, "rows": decision_rows(page.object_list)})
 
 
 @require_GET

@@ -47,7 +47,8 @@ def webhook_signature(secret: str, body: bytes) -> str:
 
 
 def webhook_payload(*, event_type: str, approval: Approval, tool_executions: list[ToolExecution]) -> dict:
-    """Ids and labels only: never arguments, reasons or anything else a receiver could leak."""
+    """Ids and labels: no arguments (but an approver's edit, redacted), reasons or anything else a receiver
+    could leak."""
     return {
         "id": "evt_" + secrets.token_hex(12),
         "type": event_type,

@@ -80,3 +80,16 @@ def _scalars(value: Any, found: set[str]) -> None:
             _scalars(item, found)
     elif value is not None and not isinstance(value, bool):
         found.add(str(value))
+
+
+def redacted_kept(edited: Any, original: Any) -> Any:
+    """An approver's edit of arguments they saw redacted: wherever it still says "[redacted]" and the
+    original has a value at that place, the original value stays (a secret the page hid is kept, not
+    replaced by the marker)."""
+    if edited == REDACTED:
+        return original
+    if isinstance(edited, dict) and isinstance(original, dict):
+        return {key: redacted_kept(item, original[key]) if key in original else item for key, item in edited.items()}
+    if isinstance(edited, list) and isinstance(original, list) and len(edited) == len(original):
+        return [redacted_kept(e, o) for e, o in zip(edited, original, strict=True)]
+    return edited

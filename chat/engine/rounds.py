@@ -4,7 +4,6 @@ in the order it asked. A round resumed after a crash keeps what completed and do
 outcome is unknown again, unless its tool is idempotent."""
 
 import asyncio
-import hashlib
 import json
 import time
 import uuid
@@ -19,17 +18,11 @@ from chat.engine.agents import Agent
 from chat.engine.modes.orchestration import DELEGATE_TOOL, delegate_spec, delegations_run
 from chat.engine.providers import ModelReply
 from chat.engine.run import Pause, Progress, Run
-from chat.engine.tools import (
-    ToolArgumentsInvalid,
-    ToolResult,
-    tool_arguments_parse,
-    tool_call_run,
-    tool_risk,
-    tool_spec,
-)
+from chat.engine.tools import ToolResult, tool_call_run, tool_risk, tool_spec
 from chat.services.executions import tool_execution_finish, tool_execution_start
 from core.db import in_db_thread
 from core.models import Mode, Tool, ToolExecution
+from core.tool_arguments import ToolArgumentsInvalid, arguments_hash, tool_arguments_parse
 
 _CALL_ID_LENGTH = ToolExecution._meta.get_field("call_id").max_length
 _TOOL_NAME_LENGTH = ToolExecution._meta.get_field("tool_name").max_length
@@ -38,10 +31,6 @@ UNKNOWN_OUTCOME = (
     "The outcome of this tool call is unknown: KiteMesh stopped while sending it, so it may or may not have "
     "taken effect. It was not sent again."
 )
-
-
-def arguments_hash(arguments: str) -> str:
-    return hashlib.sha256(arguments.encode()).hexdigest()
 
 
 def tool_specs(tools: Iterable[Tool], mode: str, agents: dict[str, Agent]) -> list[dict]:
@@ -117,7 +106,7 @@ async def tool_message(run: Run, call: ToolExecution) -> str:
         run.step_denied(call)
         return json.dumps({"error": _denial(call)})
     if call.status in _COMPLETED:  # before a crash: its result is kept, it is not sent again
-        return _recorded_result(call).model_content()
+        return _recorded_result(call).model_content(**_edit_told(call))
     if not _will_send(call):
         return json.dumps({"error": UNKNOWN_OUTCOME})
     if not await run.db(tool_execution_start, tool_execution=call):
@@ -133,7 +122,15 @@ async def tool_message(run: Run, call: ToolExecution) -> str:
         body=result.body,
         error=result.error,
     )
-    return result.model_content()
+    return result.model_content(**_edit_told(call))
+
+
+def _edit_told(call: ToolExecution) -> dict:
+    """What the model is told of an approver's edit: that it happened, and the arguments that ran."""
+    if not call.edited:
+        return {}
+    note = "An approver changed the arguments of this call before it ran; it ran with edited_arguments."
+    return {"note": note, "edited_arguments": json.loads(call.arguments)}
 
 
 def _denial(call: ToolExecution) -> str:

@@ -10,7 +10,13 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
-from approvals.resume import ResumeClaim, approval_for_resume_get, approval_not_found, approval_resume_claim
+from approvals.resume import (
+    ApiDecisions,
+    ResumeClaim,
+    approval_for_resume_get,
+    approval_not_found,
+    approval_resume_claim,
+)
 from chat.engine.agents import agents_of
 from chat.engine.holds import first_hold, resume_hold
 from chat.engine.modes.auto import mode_resolve
@@ -153,8 +159,7 @@ async def run_resume(*, caller: Caller, resume: ResumeRequest, request_id: str) 
         token=caller.token,
         approval=approval,
         tools={tool.pk: tool for tool in parts.tools},
-        approved=resume.approved,
-        denied=resume.denied,
+        decisions=ApiDecisions(approved=resume.approved, denied=resume.denied, edited=resume.edited),
         hold_amount_for=resume_hold(
             brain=parts.group.brain,
             messages=state["messages"] + chat.messages,

@@ -14,13 +14,11 @@ from typing import Any
 import httpx
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
-from jsonschema.exceptions import ValidationError, relevance
 
 from chat.engine.clients import per_loop
-from core.json_schemas import schema_validator
 from core.models import Tool
 from core.pinned_http import pinned_send
-from core.redaction import REDACTED, secret_key
+from core.redaction import REDACTED
 from core.ssrf import DestinationBlocked, Resolver, destination_check
 from core.vault import secret_value
 
@@ -36,22 +34,9 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 _METHOD_RISK = {"GET": "low", "HEAD": "low", "POST": "medium", "PUT": "medium", "PATCH": "medium", "DELETE": "high"}
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
 _REDIRECT_STATUSES = {301, 302, 303, 307, 308}
-_MAX_REPORTED_ERRORS = 3
-_JSON_KINDS = {
-    list: "an array",
-    str: "a string",
-    int: "a number",
-    float: "a number",
-    bool: "a boolean",
-    type(None): "null",
-}
 
 
 # --- What the model is offered and may send -------------------------------------------------------
-
-
-class ToolArgumentsInvalid(Exception):
-    """The model's arguments are not a JSON object matching the tool's schema; the message is for the model."""
 
 
 def tool_spec(tool: Tool) -> dict:
@@ -61,38 +46,6 @@ def tool_spec(tool: Tool) -> dict:
         "type": "function",
         "function": {"name": tool.name, "description": tool.description, "parameters": parameters},
     }
-
-
-def tool_arguments_parse(tool: Tool, arguments: str) -> dict:
-    """The arguments as a dict, valid against the tool's JSON schema (Draft 2020-12). An empty string means
-    no arguments, as models send for parameterless functions."""
-    try:
-        value = json.loads(arguments) if arguments.strip() else {}
-    except ValueError as exc:
-        raise ToolArgumentsInvalid(f"arguments are not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise ToolArgumentsInvalid(f"arguments must be a JSON object, not {_JSON_KINDS.get(type(value), 'null')}")
-    validator = schema_validator(tool.parameters or {})
-    if validator is None:
-        raise ToolArgumentsInvalid(f"the tool {tool.name!r} has an invalid parameters schema")
-    errors = sorted(validator.iter_errors(value), key=relevance, reverse=True)
-    if errors:
-        raise ToolArgumentsInvalid("; ".join(_error_text(e) for e in errors[:_MAX_REPORTED_ERRORS]))
-    return value
-
-
-def _error_text(error: ValidationError) -> str:
-    path = ".".join(str(part) for part in error.absolute_path)
-    secret = any(isinstance(p, str) and secret_key(p) for p in error.absolute_path) or (
-        isinstance(error.schema, dict) and error.schema.get("x-redact") is True
-    )
-    # jsonschema quotes the offending value; a secret must not travel into step records and logs.
-    message = f"invalid value (fails {error.validator!r})" if secret else _shorten(error.message, 200)
-    return f"{path}: {message}" if path else message
-
-
-def _shorten(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # --- What people see -------------------------------------------------------------------------------
@@ -120,11 +73,11 @@ class ToolResult:
     def ok(self) -> bool:
         return self.sent and not self.error and self.status_code is not None and 200 <= self.status_code < 300
 
-    def model_content(self) -> str:
-        """The content of the `tool` message the model receives."""
+    def model_content(self, **told: Any) -> str:
+        """The content of the `tool` message the model receives (with what else it is `told`)."""
         if self.error or not self.sent:
-            return json.dumps({"error": self.error or "the tool call was not sent"}, ensure_ascii=False)
-        return json.dumps({"status": self.status_code, "body": self.body}, ensure_ascii=False)
+            return json.dumps({"error": self.error or "the tool call was not sent", **told}, ensure_ascii=False)
+        return json.dumps({"status": self.status_code, "body": self.body, **told}, ensure_ascii=False)
 
 
 class _CallRefused(Exception):

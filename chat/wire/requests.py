@@ -29,6 +29,7 @@ from pydantic_core import PydanticCustomError
 from chat.wire.body import REQUEST_ID
 from core.errors import InvalidRequest
 from core.models import Mode
+from core.tool_arguments import edit_invalid, edit_param
 
 # No model writes a million tokens in one answer; a larger cap only inflates the worst case a run holds.
 MAX_OUTPUT_TOKENS = 1_000_000
@@ -248,6 +249,18 @@ class DeniedTool(_Shape):
     reason: str | None = None
 
 
+class EditedToolExecution(_Shape):
+    tool_execution_id: Id
+    arguments: Annotated[
+        str,
+        Field(
+            max_length=65536,
+            description="The arguments to run instead of the model's: the JSON text of an object that passes the"
+            " tool's schema and is not denied by its approval rules. An edit approves the call.",
+        ),
+    ]
+
+
 class ChatResume(ChatParameters):
     """Continue a run paused for approval: decide its tool calls (here or on the approver page) and let the
     group go on. Every call needing a decision needs one; `model` must name the approval's group."""
@@ -255,6 +268,7 @@ class ChatResume(ChatParameters):
     approval_id: Annotated[Id, Field(description="`kitemesh.approval_id` of the paused answer.")]
     approved_tool_execution_ids: list[Id] | None = None
     denied_tools: list[DeniedTool] | None = None
+    edited_tool_executions: list[EditedToolExecution] | None = None
     messages: Annotated[list[Message], Field(description="Optional; appended after the tool results.")] | None = None
 
 
@@ -294,6 +308,7 @@ class ResumeRequest:
     approval_id: uuid.UUID
     approved: set[uuid.UUID]
     denied: dict[uuid.UUID, str]  # tool execution id → reason
+    edited: dict[uuid.UUID, str]  # tool execution id → the arguments to run, in the body's order
 
 
 def chat_request_parse(body: dict) -> ChatRequest:
@@ -309,7 +324,26 @@ def resume_request_parse(body: dict) -> ResumeRequest:
         approval_id=resume.approval_id,
         approved=set(resume.approved_tool_execution_ids or ()),
         denied={d.tool_execution_id: d.reason or "" for d in resume.denied_tools or ()},
+        edited=_edits(resume.edited_tool_executions or []),
     )
+
+
+def _edits(edits: list[EditedToolExecution]) -> dict[uuid.UUID, str]:
+    """The edits by call, each a JSON object (its schema and rules are checked with its tool, at the claim)."""
+    found: dict[uuid.UUID, str] = {}
+    for index, edit in enumerate(edits):
+        if edit.tool_execution_id in found:
+            raise InvalidRequest(
+                f"Tool execution {edit.tool_execution_id} is edited twice.", param="edited_tool_executions"
+            )
+        try:
+            value = json.loads(edit.arguments)
+        except ValueError as exc:
+            raise edit_invalid(f"are not valid JSON ({exc})", param=edit_param(index)) from None
+        if not isinstance(value, dict):
+            raise edit_invalid("must be a JSON object", param=edit_param(index))
+        found[edit.tool_execution_id] = edit.arguments
+    return found
 
 
 def _chat_request(body: dict, wire: ChatParameters) -> ChatRequest:

@@ -276,7 +276,11 @@ class ApprovalToolExecution(_Answer):
     method: Literal[tuple(Tool.Method.values)] | None
     host: str | None
     path: str | None
-    arguments: Annotated[Any, Field(description="The arguments as JSON, with secret values redacted.")]
+    arguments: Annotated[Any, Field(description="The arguments that run or ran, as JSON, with secret values redacted.")]
+    edited: Annotated[bool, Field(description="An approver changed the arguments (SPEC §6, Edit, then approve).")]
+    original_arguments: Annotated[
+        Any, Field(description="The model's arguments, redacted, when the call was edited; else null.")
+    ]
     risk: Literal[tuple(Tool.Risk.values)]
     requires_approval: bool
     approvals_required: Annotated[

@@ -141,8 +141,13 @@ class ToolExecution(models.Model):
     tool_name = models.CharField(max_length=64)
     call_id = models.CharField(max_length=100, help_text="The upstream's id for this call.")
     position = models.PositiveSmallIntegerField(default=0, help_text="Order within its round.")
-    arguments = EncryptedTextField(help_text="The arguments JSON exactly as the model produced it (encrypted at rest).")
+    arguments = EncryptedTextField(
+        help_text="The arguments JSON that runs: the model's, or an approver's edit of them (encrypted at rest)."
+    )
     arguments_hash = models.CharField(max_length=64)
+    original_arguments = EncryptedTextField(
+        null=True, blank=True, help_text="The model's arguments, when an approver edited them (encrypted at rest)."
+    )
     requires_approval = models.BooleanField(default=False)
     approvals_required = models.PositiveSmallIntegerField(
         default=1, help_text="Different people whose approval it needs (its tool's, when it was called)."
@@ -169,6 +174,11 @@ class ToolExecution(models.Model):
 
     def __str__(self) -> str:
         return f"{self.tool_name} ({self.status})"
+
+    @property
+    def edited(self) -> bool:
+        """An approver changed its arguments before it ran (`arguments` are theirs)."""
+        return self.original_arguments is not None
 
     @property
     def decision(self) -> str | None:

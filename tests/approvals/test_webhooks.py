@@ -367,6 +367,34 @@ def test_api_decisions_at_resume_are_sent_as_a_decision_then_the_resume(
     ]
 
 
+def test_an_edit_at_resume_is_sent_with_both_arguments_redacted_and_who_made_it(
+    live, hooked: Setup, upstream: FakeUpstream, receiver: ToolServer
+):
+    paused = pause_through_the_api(live.url, hooked, upstream)
+    ids = [c["id"] for c in paused["choices"][0]["message"]["tool_calls"]]
+    received(receiver, 1)
+
+    resumed = httpx.post(
+        f"{live.url}/v1/chat/resume",
+        json={
+            "model": hooked.model,
+            "approval_id": paused["kitemesh"]["approval_id"],
+            "edited_tool_executions": [{"tool_execution_id": ids[0], "arguments": '{"t": "y", "password": "pw-9"}'}],
+            "denied_tools": [{"tool_execution_id": ids[1]}],
+        },
+        headers=hooked.headers,
+        timeout=30,
+    )
+
+    assert resumed.status_code == 200, resumed.text
+    events = {r.json()["type"]: r.json() for r in received(receiver, 3)}
+    edited, denied = events["approval.decided"]["tool_executions"]
+    assert (edited["edited"], edited["decided_by"]) == (True, "token:test")
+    assert (edited["original_arguments"], edited["arguments"]) == ({"t": "x"}, {"t": "y", "password": "[redacted]"})
+    assert denied["edited"] is False and "arguments" not in denied
+    assert "pw-9" not in json.dumps(events)
+
+
 def test_a_delivery_cut_by_a_killed_worker_is_delivered_by_the_next_one_with_the_same_event(
     transactional_db, upstream: FakeUpstream, receiver: ToolServer
 ):

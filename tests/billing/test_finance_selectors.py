@@ -13,7 +13,7 @@ import pytest
 from django.contrib.auth.models import User
 from django.utils import timezone
 
-from approvals.resume import approval_resume_claim
+from approvals.resume import ApiDecisions, approval_resume_claim
 from approvals.services import approval_decide, approval_pause
 from billing import selectors
 from billing.charts import bar_chart
@@ -255,8 +255,7 @@ def test_a_charge_links_to_the_tool_executions_and_approval_it_paid_for(acme: Se
         token=acme.token,
         approval=paused.approval,
         tools={tool.pk: tool for tool in Tool.objects.all()},
-        approved=set(),
-        denied={},
+        decisions=ApiDecisions(),
         hold_amount_for=lambda calls: 50,
     )
     resumed_steps = [

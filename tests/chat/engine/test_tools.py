@@ -14,9 +14,7 @@ import pytest
 from chat.engine.tools import (
     MAX_BODY_BYTES,
     TRUNCATED_MARK,
-    ToolArgumentsInvalid,
     ToolResult,
-    tool_arguments_parse,
     tool_call_run,
     tool_risk,
     tool_spec,
@@ -25,6 +23,7 @@ from chat.services.vault import secret_set
 from core.models import Team, Tool
 from core.redaction import arguments_redact
 from core.ssrf import Resolver
+from core.tool_arguments import ToolArgumentsInvalid, tool_arguments_parse
 from tests.support.tool_server import ToolResponse, ToolServer, tls_context_make
 
 SECRET = "crm-secret-value-do-not-leak-7f3a"
