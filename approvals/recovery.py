@@ -13,9 +13,10 @@ from django_tasks import task
 
 from approvals.selectors import approval_for_token_get
 from approvals.services import approval_interrupt, approvals_expire_due
-from approvals.webhooks import webhook_deliveries_requeue
+from billing.alerts import credit_alerts_check
 from billing.ledger import holds_settle, steps_cost
 from core.models import ApiToken, Approval, Execution, Step, ToolExecution
+from core.webhooks import webhook_deliveries_requeue
 
 logger = logging.getLogger(__name__)
 
@@ -99,13 +100,19 @@ class Swept:
     recovered: int  # runs whose process had died
     expired: int  # approvals past their time
     requeued: int  # webhook deliveries a dead worker left pending
+    alerted: int  # credit alerts recorded (billing.alerts)
 
 
 def sweep() -> Swept:
     """What `manage.py sweep` does once and the worker periodically: recover the runs whose lease lapsed,
     expire the approvals past their time (an interrupted one's time starts again at its recovery), and
-    queue again the webhook deliveries a dead worker left pending."""
-    return Swept(recovered=runs_recover_lapsed(), expired=approvals_expire_due(), requeued=webhook_deliveries_requeue())
+    queue again the webhook deliveries a dead worker left pending, record the credit alerts now due."""
+    return Swept(
+        recovered=runs_recover_lapsed(),
+        expired=approvals_expire_due(),
+        requeued=webhook_deliveries_requeue(),
+        alerted=credit_alerts_check(),
+    )
 
 
 @task()

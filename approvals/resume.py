@@ -170,6 +170,8 @@ def _claim(
             f" ON a.execution_id = e.id WHERE a.id = %s{for_update(of='a')}",
             [db_value(Approval, "id", approval.pk)],
         )[0]
+        if execution.token_id == token.pk:
+            execution.token = token  # the run's own token resumes it (its credit limit is at hand)
         if execution.approval_status not in WAITING:
             if execution_lapsed(execution):
                 raise _RunLapsed()

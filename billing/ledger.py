@@ -26,6 +26,7 @@ from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.utils import timezone
 
 from billing.models import Balance, CreditAccount, Hold, LedgerEntry
+from billing.token_limits import token_limit_check
 from core.errors import InsufficientCredits, InvalidRequest
 from core.models import Execution, Step, Team
 from core.sql import (
@@ -216,6 +217,7 @@ def hold_reserve(*, execution: Execution, hold: Hold | None, amount: int) -> Hol
     with transaction.atomic(durable=True):
         if hold is None:
             return ledger().hold_open(execution=execution, amount=amount, refusal=STEP_REFUSAL)
+        token_limit_check(execution, amount)
         _hold_resize(hold, hold.amount + amount, STEP_REFUSAL)
         return hold
 
@@ -337,6 +339,7 @@ class TransactionLedger:
         return charged
 
     def hold_open(self, *, execution: Execution, amount: int, refusal: str = HOLD_REFUSAL) -> Hold:
+        token_limit_check(execution, amount)
         account = account_reserve(execution.team_id, amount, refusal)
         hold = Hold(team_id=execution.team_id, execution=execution, amount=amount)
         sql_insert([hold])
@@ -352,5 +355,6 @@ class TransactionLedger:
         if amount <= 0:
             hold_release(hold=hold)
             return None
+        token_limit_check(execution, amount - hold.amount)
         _hold_resize(hold, amount, HOLD_REFUSAL)
         return hold

@@ -23,6 +23,7 @@ from billing.ledger import (
     usage_add,
 )
 from billing.models import CreditAccount, Hold, LedgerEntry
+from billing.token_limits import token_limited
 from core.models import Execution, Step
 from core.sql import (
     Guard,
@@ -59,7 +60,7 @@ class StatementLedger(TransactionLedger):
         transaction alone): every other transaction sees it at once, and the settlement's flush makes it
         durable too; a database crash in between loses a run that was in flight, with its hold, charging
         nothing."""
-        if amount <= 0:
+        if amount <= 0 or token_limited(execution):  # a token's limit is checked under its row lock
             return super().run_open(execution=execution, amount=amount, guard=guard)
         hold = Hold(team_id=execution.team_id, execution=execution, amount=amount)
         guard_sql, guard_params = guard.sql() if guard is not None else ("SELECT 1", [])
@@ -114,6 +115,8 @@ class StatementLedger(TransactionLedger):
 
     def hold_open(self, *, execution: Execution, amount: int, refusal: str = HOLD_REFUSAL) -> Hold:
         """One statement: the hold reserved (locking the account row), inserted, and its entry."""
+        if token_limited(execution):
+            return super().hold_open(execution=execution, amount=amount, refusal=refusal)
         hold = Hold(team_id=execution.team_id, execution=execution, amount=amount)
         hold_sql, hold_params = insert_select(hold, "account")
         rows = sql_rows(
@@ -130,7 +133,7 @@ class StatementLedger(TransactionLedger):
     def hold_resize(self, *, execution: Execution, amount: int) -> Hold | None:
         """One statement when the execution has an active hold and `amount` is not 0: the hold locked,
         the difference reserved or released on the account, its entry, the hold's new amount."""
-        if amount <= 0:
+        if amount <= 0 or token_limited(execution):
             return super().hold_resize(execution=execution, amount=amount)
         now = db_value(LedgerEntry, "created_at", timezone.now())
         execution_id = db_value(Hold, "execution_id", execution.pk)

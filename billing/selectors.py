@@ -8,11 +8,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 
-from django.db.models import Count, F, Prefetch, Q, QuerySet, Sum, Value
+from django.db.models import Case, Count, DateTimeField, F, OuterRef, Prefetch, Q, QuerySet, Subquery, Sum, Value, When
 from django.db.models.functions import Coalesce, TruncDate
+from django.utils import timezone
 
 from billing.models import Balance, CreditAccount, Hold, LedgerEntry
-from core.models import Approval, Execution, Step, Team, ToolExecution
+from billing.token_limits import EVER, TokenSpend, period_end, period_start
+from core.models import ApiToken, Approval, Execution, Step, Team, ToolExecution
 
 
 def credit_account_get(*, team: Team) -> CreditAccount:
@@ -30,6 +32,11 @@ class TeamCredits(Balance):
     balance: int
     held: int
     active_holds: int
+    alert_below: int | None  # the team's credits.low line
+
+    @property
+    def below_line(self) -> bool:
+        return self.alert_below is not None and self.available < self.alert_below
 
 
 def team_credits_list(*, teams: QuerySet[Team]) -> list[TeamCredits]:
@@ -42,7 +49,7 @@ def team_credits_list(*, teams: QuerySet[Team]) -> list[TeamCredits]:
             held=Coalesce(F("credit_account__held"), Value(0)),
             active_holds=Count("holds", filter=Q(holds__status=Hold.Status.ACTIVE)),
         )
-        .values_list("id", "name", "balance", "held", "active_holds")
+        .values_list("id", "name", "balance", "held", "active_holds", "alert_below")
     )
     return [TeamCredits(*row) for row in rows]
 
@@ -286,3 +293,32 @@ def execution_approval_ids(*, execution_ids: Iterable[uuid.UUID]) -> dict[uuid.U
     ):
         found[execution_id].append(approval_id)
     return found
+
+
+def token_limits_list(*, teams: Iterable[Team]) -> list[TokenSpend]:
+    """The live tokens with a credit limit of these teams, each with its use of it, by team and name (one
+    query, whatever the number of tokens)."""
+    now = timezone.now()
+    since = Case(
+        *(When(credit_period=p, then=Value(period_start(p, now))) for p in (ApiToken.CreditPeriod.DAY, "month")),
+        default=Value(EVER),
+        output_field=DateTimeField(),
+    )
+    charged = LedgerEntry.objects.filter(
+        kind=LedgerEntry.Kind.CHARGE, execution__token=OuterRef("pk"), created_at__gte=OuterRef("since")
+    )
+    holding = Hold.objects.filter(status=Hold.Status.ACTIVE, execution__token=OuterRef("pk"))
+    tokens = (
+        ApiToken.objects.filter(team__in=teams, credit_limit__isnull=False, revoked_at=None)
+        .annotate(since=since, charged=_total(charged), holding=_total(holding))
+        .order_by("team__name", "name")
+    )
+    return [
+        TokenSpend(t.name, t.credit_limit, t.credit_period, -t.charged, t.holding, period_end(t.credit_period, now))
+        for t in tokens
+    ]
+
+
+def _total(rows: QuerySet) -> Coalesce:
+    """The sum of `rows`' amounts, as a subquery (0 without rows)."""
+    return Coalesce(Subquery(rows.values("team_id").annotate(total=Sum("amount")).values("total")), Value(0))

@@ -52,6 +52,7 @@ def credit_overview_view(request: HttpRequest) -> HttpResponse:
             "form": form,
             "period": period,
             "credits": selectors.team_credits_list(teams=span["teams"]),
+            "token_limits": selectors.token_limits_list(teams=span["teams"]),
             "daily": daily,
             "chart": bar_chart(daily),
             "by_group": selectors.usage_by_group(**span),

@@ -29,7 +29,8 @@ URL_FIELDS = {models.URLField: {"assume_scheme": "https"}}
 
 @admin.register(Team)
 class TeamAdmin(admin.ModelAdmin):
-    list_display = ["name", "created_at"]
+    formfield_overrides = URL_FIELDS
+    list_display = ["name", "alert_below", "created_at"]
     search_fields = ["name"]
     filter_horizontal = ["members"]
 

@@ -19,6 +19,7 @@ from approvals.recovery import approval_recovered_get, execution_recover_if_laps
 from approvals.selectors import approval_with_calls_get
 from approvals.services import approval_expire
 from billing.selectors import credit_account_get
+from billing.token_limits import token_spend
 from chat.authentication import bearer_secret
 from chat.engine.render import replay_stream, run_complete, run_stream
 from chat.engine.run import Run
@@ -37,7 +38,7 @@ from chat.services.rate_limits import request_admit, stream_admit, stream_releas
 from chat.services.tokens import token_authenticate, token_error_first, token_recent
 from chat.wire.body import body_parse, client_request_id
 from chat.wire.requests import ChatRequest, chat_request_parse, resume_request_parse
-from chat.wire.responses import execution_body
+from chat.wire.responses import execution_body, token_credits_body
 from core.db import connections_upkeep, in_db_thread
 from core.envelope import error_response
 from core.errors import NotFound
@@ -262,6 +263,7 @@ class CreditBalanceApi(ApiView):
                 "team": request.auth.team.name,
                 "balance": account.balance,
                 "held": account.held,
+                "token": token_credits_body(token_spend(request.auth)),
             }
         )
 

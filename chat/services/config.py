@@ -40,7 +40,11 @@ CONFIG_SCHEMA: dict[str, Any] = {
                     "credits": {"type": "integer", "minimum": 0},
                     "requests_per_minute": {"type": "integer", "minimum": 1},
                     "concurrent_streams": {"type": "integer", "minimum": 1},
+                    "alert_below": {"type": "integer", "minimum": 1},
+                    "webhook_url": _HTTP_URL,
+                    "webhook_secret": _NAME,
                 },
+                "dependentRequired": {"webhook_url": ["webhook_secret"], "webhook_secret": ["webhook_url"]},
             },
         },
         "secrets": {
@@ -234,11 +238,23 @@ class _Applier:
         for section in ("teams", "secrets", "models", "tools", "groups"):
             for index, entry in enumerate(self.data.get(section) or []):
                 getattr(self, f"apply_{section}")(index, entry)
+        for index, entry in enumerate(self.data.get("teams") or []):
+            self.apply_team_webhook(index, entry)
         return self.result
 
+    def apply_team_webhook(self, index: int, entry: dict) -> None:
+        """A team's webhook secret, once the file's secrets exist."""
+        team = Team.objects.get(name=entry["name"])
+        secret = None
+        if entry.get("webhook_secret"):
+            secret = self.ref(VaultSecret, "teams", index, "webhook_secret", team=team, name=entry["webhook_secret"])
+        if team.webhook_secret_id != (secret.pk if secret else None):
+            team.webhook_secret = secret
+            team.save(update_fields=["webhook_secret"])
+
     def apply_teams(self, index: int, entry: dict) -> None:
-        limits = {k: entry.get(k) for k in ("requests_per_minute", "concurrent_streams")}
-        team, outcome = _upsert(Team, {"name": entry["name"]}, limits)
+        values = {k: entry.get(k) for k in ("requests_per_minute", "concurrent_streams", "alert_below")}
+        team, outcome = _upsert(Team, {"name": entry["name"]}, values | {"webhook_url": entry.get("webhook_url", "")})
         CreditAccount.objects.get_or_create(team=team)
         if outcome == "created" and entry.get("credits"):
             credits_grant(team=team, amount=entry["credits"], reason=f"initial grant from {self.path.name}")

@@ -41,6 +41,8 @@ def token_create(
     expires_at: datetime | None = None,
     requests_per_minute: int | None = None,
     concurrent_streams: int | None = None,
+    credit_limit: int | None = None,
+    credit_period: str = ApiToken.CreditPeriod.TOTAL,
 ) -> tuple[ApiToken, str]:
     """Create a token and return it with its secret, which is never recoverable afterwards."""
     raw, prefix, secret_hash = token_secret_new()
@@ -52,6 +54,8 @@ def token_create(
         expires_at=expires_at,
         requests_per_minute=requests_per_minute,
         concurrent_streams=concurrent_streams,
+        credit_limit=credit_limit,
+        credit_period=credit_period,
     )
     token.groups.set(groups)
     token.tools.set(tools)

@@ -9,10 +9,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from billing.token_limits import TokenSpend
 from chat.wire.requests import ToolCall
+from core.models import ApiToken, Mode, Step, Tool, ToolExecution
 from core.models import Approval as ApprovalRow
 from core.models import Execution as ExecutionRow
-from core.models import Mode, Step, Tool, ToolExecution
 from core.timestamps import iso
 
 # The mode a request actually ran in: `auto` is resolved before anything runs, so it is never reported.
@@ -128,6 +129,17 @@ def _tool_step(step: Step) -> dict:
         "tool": step.model_name,
         "decided_via": (te.decided_via or None) if te else None,
         "decided_by": (te.decided_by or None) if te else None,
+    }
+
+
+def token_credits_body(spend: TokenSpend) -> dict:
+    return {
+        "name": spend.name,
+        "credit_limit": spend.credit_limit,
+        "credit_period": spend.credit_period,
+        "spent": spend.spent,
+        "held": spend.held,
+        "resets_at": iso(spend.resets_at),
     }
 
 
@@ -258,13 +270,27 @@ class ModelList(_Answer):
     data: list[Model]
 
 
+class TokenCredits(_Answer):
+    """The calling token's use of its credit limit (SPEC §6); without a limit, the limit fields are null and
+    `spent` counts every charge of its runs."""
+
+    name: str
+    credit_limit: NonNegative | None
+    credit_period: Literal[tuple(ApiToken.CreditPeriod.values)] | None
+    spent: Annotated[int, Field(ge=0, description="Charged to the token's runs in the current period.")]
+    held: Annotated[int, Field(ge=0, description="Held by the token's runs in flight.")]
+    resets_at: Annotated[datetime.datetime | None, Field(description="When the period starts again (UTC).")]
+
+
 class CreditBalance(_Answer):
-    """The token's team's credits: `balance`, of which `held` is reserved by requests in flight."""
+    """The token's team's credits: `balance`, of which `held` is reserved by requests in flight; and the
+    token's own use of its credit limit."""
 
     object: Literal["credit_balance"]
     team: str
     balance: NonNegative
     held: NonNegative
+    token: TokenCredits
 
 
 class ApprovalToolExecution(_Answer):

@@ -216,6 +216,11 @@ class ApiToken(RateLimits):
     """A `km_…` bearer token. Only `prefix` is kept in clear (for lookup); the secret is a SHA-256 hash.
     An empty group or tool selection means all of the team's, minus the exclusions."""
 
+    class CreditPeriod(models.TextChoices):
+        DAY = "day", "UTC day"
+        MONTH = "month", "UTC month"
+        TOTAL = "total", "Ever"
+
     team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="api_tokens")
     name = models.CharField(max_length=100)
     prefix = models.CharField(max_length=16, unique=True, editable=False)
@@ -226,6 +231,12 @@ class ApiToken(RateLimits):
     excluded_tools = models.ManyToManyField(Tool, blank=True, related_name="+")
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    credit_limit = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Credits its runs may be charged and hold in a period; empty: no limit."
+    )
+    credit_period = models.CharField(max_length=5, choices=CreditPeriod.choices, default=CreditPeriod.TOTAL)
+    credit_alert_percent = models.PositiveSmallIntegerField(default=0, editable=False)  # billing.alerts
+    credit_alert_period_start = models.DateTimeField(null=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

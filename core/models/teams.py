@@ -17,6 +17,18 @@ class RateLimits(models.Model):
 class Team(RateLimits):
     name = models.CharField(max_length=100, unique=True)
     members = models.ManyToManyField(settings.AUTH_USER_MODEL, blank=True, related_name="teams")
+    alert_below = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Send credits.low when the available credits fall below this."
+    )
+    webhook_url = models.URLField(
+        max_length=500, blank=True, help_text="Receives the team's credit alerts as signed JSON POSTs."
+    )
+    webhook_secret = models.ForeignKey(
+        "core.VaultSecret", null=True, blank=True, on_delete=models.PROTECT, related_name="+", help_text="Signs them."
+    )
+    credits_low_alerted = models.BooleanField(
+        default=False, editable=False, help_text="credits.low was sent and the credits are still below the line."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -265,7 +265,10 @@ def test_a_kill_during_an_automatic_tool_call_charges_the_completed_model_call_a
 
     call_command("sweep", stdout=out)  # no process needed: the sweep finds it
 
-    assert out.getvalue().strip() == "recovered 1 run(s); expired 0 approval(s); requeued 0 webhook delivery(ies)"
+    assert (
+        out.getvalue().strip()
+        == "recovered 1 run(s); expired 0 approval(s); requeued 0 webhook delivery(ies); recorded 0 credit alert(s)"
+    )
     execution = Execution.objects.get()
     assert (execution.status, execution.error["code"]) == ("failed", "run_interrupted")
     assert execution.tool_executions.get().status == ToolExecution.Status.UNKNOWN

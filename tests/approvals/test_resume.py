@@ -929,7 +929,10 @@ def test_sweep_command_expires_due_approvals_and_releases_their_holds(
 
     call_command("sweep", stdout=out)
 
-    assert out.getvalue().strip() == "recovered 0 run(s); expired 1 approval(s); requeued 0 webhook delivery(ies)"
+    assert (
+        out.getvalue().strip()
+        == "recovered 0 run(s); expired 1 approval(s); requeued 0 webhook delivery(ies); recorded 0 credit alert(s)"
+    )
     assert Approval.objects.get(pk=due["kitemesh"]["approval_id"]).status == Approval.Status.EXPIRED
     assert Approval.objects.get(pk=waiting["kitemesh"]["approval_id"]).status == Approval.Status.PENDING
     assert Execution.objects.get(pk=due["kitemesh"]["execution_id"]).status == Execution.Status.EXPIRED
@@ -939,7 +942,10 @@ def test_sweep_command_expires_due_approvals_and_releases_their_holds(
 
     again = io.StringIO()
     call_command("sweep", stdout=again)
-    assert again.getvalue().strip() == "recovered 0 run(s); expired 0 approval(s); requeued 0 webhook delivery(ies)"
+    assert (
+        again.getvalue().strip()
+        == "recovered 0 run(s); expired 0 approval(s); requeued 0 webhook delivery(ies); recorded 0 credit alert(s)"
+    )
     assert credits(http, setup)["held"] == TICKET_PRICE
     assert_error(approve_all(http, setup, due), 410, "approval_expired", "approval_expired")
     upstream.queue(Reply(content="ok"))

@@ -263,12 +263,12 @@ def test_a_receiver_that_keeps_failing_is_given_up_and_logged_without_secrets(ap
     settings.KITEMESH_WEBHOOK_ATTEMPTS = 3
     receiver.queue(*[ToolResponse(status=502)] * 3)
 
-    with caplog.at_level(logging.WARNING, logger="approvals.webhooks"):
+    with caplog.at_level(logging.WARNING, logger="core.webhooks"):
         delivery = delivered(approval)
 
     assert (delivery.status, delivery.attempts, delivery.last_error) == ("failed", 3, "HTTP 502")
     assert len(receiver.requests) == 3
-    [record] = [r for r in caplog.records if r.name == "approvals.webhooks"]
+    [record] = [r for r in caplog.records if r.name == "core.webhooks"]
     message = record.getMessage()
     assert "not delivered to 127.0.0.1 after 3 attempt(s): HTTP 502" in message
     assert "acme/support" in message
@@ -286,7 +286,7 @@ def test_a_refusal_by_the_receiver_is_not_retried(approval, receiver):
 def test_a_loopback_receiver_is_refused_by_the_ssrf_guard_unless_allowlisted(approval, receiver, settings, caplog):
     settings.KITEMESH_TOOL_HOST_ALLOWLIST = []
 
-    with caplog.at_level(logging.WARNING, logger="approvals.webhooks"):
+    with caplog.at_level(logging.WARNING, logger="core.webhooks"):
         delivery = delivered(approval)
 
     assert delivery.status == "failed" and receiver.requests == []
@@ -298,7 +298,7 @@ def test_a_group_without_a_signing_secret_records_nothing(approval, receiver, ca
     Group.objects.filter(pk=approval.group_id).update(webhook_secret=None)
     [call] = waiting_calls(approval)
 
-    with caplog.at_level(logging.WARNING, logger="approvals.webhooks"):
+    with caplog.at_level(logging.WARNING, logger="core.webhooks"):
         approval_decide(
             approval=Approval.objects.get(pk=approval.pk),
             tool_execution=call,

@@ -453,7 +453,10 @@ def test_the_sweep_settles_runs_whose_lease_lapsed_and_leaves_live_and_paused_on
 
     call_command("sweep", stdout=out)
 
-    assert out.getvalue().strip() == "recovered 1 run(s); expired 0 approval(s); requeued 0 webhook delivery(ies)"
+    assert (
+        out.getvalue().strip()
+        == "recovered 1 run(s); expired 0 approval(s); requeued 0 webhook delivery(ies); recorded 0 credit alert(s)"
+    )
     assert Hold.objects.get(pk=runs["dead"].pk).status == Hold.Status.SETTLED
     dead = Execution.objects.get(pk=runs["dead"].execution_id)
     assert (dead.status, dead.error["code"]) == ("failed", "run_interrupted")

@@ -88,6 +88,7 @@ def _add_token(admin_client, setup: Setup, name: str = "from-admin"):
             "expires_at_1": "",
             "revoked_at_0": "",
             "revoked_at_1": "",
+            "credit_period": "total",  # the form's preselected default
         },
     )
 
@@ -127,6 +128,7 @@ def test_editing_a_token_in_the_admin_keeps_its_secret(admin_client, setup: Setu
             "expires_at_1": "",
             "revoked_at_0": "",
             "revoked_at_1": "",
+            "credit_period": "total",  # the form's preselected default
         },
     )
 

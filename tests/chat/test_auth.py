@@ -320,7 +320,20 @@ def test_credits_shows_the_token_team_balance(http, setup: Setup):
     response = http.get("/v1/credits", headers={"Authorization": f"Bearer {setup.raw_token}"})
 
     assert response.status_code == 200, response.content
-    assert response.json() == {"object": "credit_balance", "team": "acme", "balance": 1000, "held": 0}
+    assert response.json() == {
+        "object": "credit_balance",
+        "team": "acme",
+        "balance": 1000,
+        "held": 0,
+        "token": {
+            "name": "test",
+            "credit_limit": None,
+            "credit_period": None,
+            "spent": 0,
+            "held": 0,
+            "resets_at": None,
+        },
+    }
     assert response.headers["X-Request-ID"].startswith("req_")
 
 
@@ -329,7 +342,8 @@ def test_credits_of_another_team_token_show_that_team(http, setup: Setup, upstre
 
     response = http.get("/v1/credits", headers={"Authorization": f"Bearer {other.raw_token}"})
 
-    assert response.json() == {"object": "credit_balance", "team": "other", "balance": 250, "held": 0}
+    body = response.json()
+    assert (body["team"], body["balance"], body["held"], body["token"]["name"]) == ("other", 250, 0, "test")
 
 
 def test_valid_token_works_on_the_live_server(live, http, setup: Setup, upstream):
@@ -342,7 +356,12 @@ def test_valid_token_works_on_the_live_server(live, http, setup: Setup, upstream
     )
 
     assert models.json() == {"object": "list", "data": [model_entry(setup.group)]}
-    assert credits.json() == {"object": "credit_balance", "team": "acme", "balance": 1000, "held": 0}
+    assert {k: v for k, v in credits.json().items() if k != "token"} == {
+        "object": "credit_balance",
+        "team": "acme",
+        "balance": 1000,
+        "held": 0,
+    }
     assert chat.status_code == 200, chat.text
     assert len(upstream.received) == 1
     assert setup.raw_token not in json.dumps(upstream.received[0].headers)

@@ -332,7 +332,20 @@ def test_models_and_credits_match_the_schema(live, http, api, setup: Setup):
     credits = api.check(http.get("/v1/credits", headers=setup.headers), "get", "/v1/credits")
 
     assert [m["id"] for m in models["data"]] == [setup.model]
-    assert credits == {"object": "credit_balance", "team": "acme", "balance": 1000, "held": 0}
+    assert credits == {
+        "object": "credit_balance",
+        "team": "acme",
+        "balance": 1000,
+        "held": 0,
+        "token": {
+            "name": "test",
+            "credit_limit": None,
+            "credit_period": None,
+            "spent": 0,
+            "held": 0,
+            "resets_at": None,
+        },
+    }
 
 
 def test_completion_errors_match_the_schema(live, http, api, setup: Setup, upstream, settings):

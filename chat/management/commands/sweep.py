@@ -13,5 +13,5 @@ class Command(BaseCommand):
         swept = sweep()
         self.stdout.write(
             f"recovered {swept.recovered} run(s); expired {swept.expired} approval(s);"
-            f" requeued {swept.requeued} webhook delivery(ies)"
+            f" requeued {swept.requeued} webhook delivery(ies); recorded {swept.alerted} credit alert(s)"
         )

@@ -248,7 +248,9 @@ def test_synthesis_brain_is_called_last_with_one_note_of_the_answers_labelled_by
     assert [r.body["model"] for r in upstream.received][-1] == BRAIN
     assert len(upstream.received) == 3
     [brain] = upstream.received_for(BRAIN)
-    assert brain.started >= max(finished(r) for r in agent_calls(upstream, "researcher", "critic"))
+    # Called after every agent was (its note below holds their answers, so it came after they answered; the
+    # fake upstream stamps `finished` after its last write, which the gateway may read before it).
+    assert brain.started >= max(r.started for r in agent_calls(upstream, "researcher", "critic"))
     messages = brain.body["messages"]
     assert messages[: len(CONVERSATION) + 1] == [{"role": "system", "content": BRAIN_SYSTEM}, *CONVERSATION]
     [note] = messages[len(CONVERSATION) + 1 :]
