@@ -11,7 +11,7 @@ from django.utils import timezone
 from billing.models import Hold, LedgerEntry
 from core.errors import InsufficientCredits
 from core.models import ApiToken, Execution
-from core.sql import for_update, sql_rows, table
+from core.sql import db_value, for_update, sql_rows, table
 
 EVER = datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)  # before any charge: the start of a `total` period
 LIMIT_REFUSAL = (
@@ -73,9 +73,8 @@ def token_spend(token: ApiToken, *, lock: bool = False) -> TokenSpend:
         period = None
     now = timezone.now()
     start = period_start(period, now) if period else None
-    spent, held = sql_rows(_use_statement(since=start is not None), [token.pk, *([start] if start else []), token.pk])[
-        0
-    ]
+    since = [db_value(LedgerEntry, "created_at", start)] if start else []
+    spent, held = sql_rows(_use_statement(since=start is not None), [token.pk, *since, token.pk])[0]
     # PostgreSQL sums integers as numeric: ints here, for JSON and arithmetic alike.
     spent, held = -int(spent or 0), int(held or 0)
     return TokenSpend(name, limit, period, spent, held, period_end(period, now) if period else None)

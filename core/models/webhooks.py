@@ -7,9 +7,9 @@ from core.models.config import VaultSecret
 
 
 class WebhookDelivery(models.Model):
-    """An event owed to a group's webhook receiver: recorded in the transaction of the change it announces
-    and delivered by the worker (approvals.webhooks) at least once, across restarts,
-    with the same event id and body on every attempt."""
+    """An event owed to a webhook receiver (a group's, or a team's for credit alerts): recorded in the
+    transaction of the change it announces and delivered by the worker (core.webhooks) at least once, across
+    restarts, with the same event id and body on every attempt."""
 
     class Status(models.TextChoices):
         PENDING = "pending"

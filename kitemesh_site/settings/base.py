@@ -227,7 +227,7 @@ if REDIS_URL:
 TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": ["default"]}}
 KITEMESH_SWEEP_SECONDS = float(os.environ.get("KITEMESH_SWEEP_SECONDS", "10"))
 
-# --- Approval webhooks (approvals.webhooks) -------------------------------------------------------
+# --- Webhooks: approval events and credit alerts (core.webhooks) -------------------------------------------
 KITEMESH_WEBHOOK_TIMEOUT_SECONDS = float(os.environ.get("KITEMESH_WEBHOOK_TIMEOUT_SECONDS", "5"))
 KITEMESH_WEBHOOK_ATTEMPTS = env_int("KITEMESH_WEBHOOK_ATTEMPTS", 4)
 # Wait before retry n (1-based): backoff × 2^(n-1).
