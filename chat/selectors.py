@@ -1,11 +1,15 @@
 """Read queries for the API: groups a token may use, and what a model call needs."""
 
+import datetime
 import functools
 import uuid
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
+from django.contrib.auth.models import AbstractBaseUser
+
 from chat.engine.providers import ModelEndpoint
+from chat.models import Conversation
 from chat.services.config_cache import cached, keep, version_check
 from core.errors import NotFound, PermissionDenied
 from core.models import ApiToken, CustomModel, Execution, Group, GroupAgent, GroupFallback, Team, Tool, VaultSecret
@@ -196,3 +200,34 @@ def execution_for_token_get(*, token: ApiToken, execution_id: uuid.UUID) -> Exec
     if execution is None:
         raise NotFound(f"No execution {execution_id}.", code="execution_not_found")
     return execution
+
+
+# --- Conversations (/chat/) ---------------------------------------------------------------------------------
+
+CONVERSATIONS_PAGE = 20
+
+
+def conversations_for_user_list(
+    *, user: AbstractBaseUser, before: datetime.datetime | None = None, limit: int = CONVERSATIONS_PAGE
+) -> tuple[list[Conversation], bool]:
+    """The user's conversations, most recently active first, `limit` of them (older than `before`, for
+    "load more"), and whether there are more."""
+    conversations = Conversation.objects.filter(user=user).select_related("group")
+    if before is not None:
+        conversations = conversations.filter(updated_at__lt=before)
+    page = list(conversations.order_by("-updated_at", "-created_at")[: limit + 1])
+    return page[:limit], len(page) > limit
+
+
+def conversation_for_user_get(*, user: AbstractBaseUser, conversation_id: uuid.UUID) -> Conversation:
+    """The user's own conversation with its messages, in a team the user still belongs to; 404 otherwise
+    (another person's conversation does not exist for them)."""
+    conversation = (
+        Conversation.objects.filter(pk=conversation_id, user=user, team__members=user)
+        .select_related("group", "team")
+        .prefetch_related("messages")
+        .first()
+    )
+    if conversation is None:
+        raise NotFound(f"No conversation {conversation_id}.", code="conversation_not_found")
+    return conversation

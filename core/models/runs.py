@@ -30,6 +30,14 @@ class Execution(models.Model):
     team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="executions", db_index=False)
     group = models.ForeignKey(Group, on_delete=models.SET_NULL, null=True, related_name="executions")
     token = models.ForeignKey(ApiToken, on_delete=models.SET_NULL, null=True, related_name="executions")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="executions",
+        help_text="The person who ran it in the browser (/chat/), when no token did.",
+    )
     request_id = models.CharField(max_length=128)
     client_request_id = models.BooleanField(default=False, help_text="request_id came from the client.")
     request_hash = models.CharField(max_length=64, blank=True)
