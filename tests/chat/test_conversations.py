@@ -2,7 +2,6 @@
 messages in order (encrypted at rest), the list newest-active first with "load more", rename, delete (its
 executions stay), and nobody else's conversation found."""
 
-
 import pytest
 from django.contrib.auth.models import User
 from django.db import connection
