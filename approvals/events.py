@@ -2,7 +2,6 @@
 only by that team's approvers. Events carry ids and labels, never arguments; pages re-read what they show."""
 
 import logging
-import re
 
 from django.contrib.auth.models import AbstractBaseUser
 from django_eventstream import send_event
@@ -21,16 +20,10 @@ INTERRUPTED = "approval.interrupted"
 # Superusers see every team: one channel carrying all teams' events spares them a stream per team
 # (django-eventstream takes 10 channels per stream, and browsers open at most 6 streams per host).
 ALL_TEAMS_CHANNEL = "all-teams"
-_CHANNEL = re.compile(r"team-([0-9]+)")
 
 
 def team_channel(team_id: int) -> str:
     return f"team-{team_id}"
-
-
-def channel_team_id(channel: str) -> int | None:
-    match = _CHANNEL.fullmatch(channel)
-    return int(match.group(1)) if match else None
 
 
 def readable_channels(*, user: AbstractBaseUser) -> set[str]:

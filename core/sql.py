@@ -176,12 +176,8 @@ def _update_statement(model: type[Model], fields: tuple[str], exprs: tuple[tuple
 
 # --- Several writes in one statement (PostgreSQL) --------------------------------------------------
 # A data-modifying WITH runs several writes as one statement: one round trip, its own transaction, no
-# BEGIN and COMMIT of their own. The request path's two transactions are written so on PostgreSQL;
-# SQLite, which has no such WITH, runs the same writes one by one in a transaction.
-
-
-def single_statement_writes() -> bool:
-    return _db().vendor == "postgresql"
+# BEGIN and COMMIT of their own (billing.ledger_postgresql's StatementLedger writes the money path so;
+# SQLite, which has no such WITH, takes TransactionLedger's statements one by one in a transaction).
 
 
 def insert_values(objs: Sequence[Model]) -> tuple[str, list[Any]]:

@@ -364,7 +364,3 @@ PROVIDERS: dict[str, Provider] = {"openai": OpenAIProvider(), "scripted": Script
 
 def provider_for(endpoint: ModelEndpoint) -> Provider:
     return PROVIDERS[endpoint.provider]
-
-
-def monotonic_ms(start: float) -> int:
-    return int((time.monotonic() - start) * 1000)
