@@ -16,8 +16,9 @@ from approvals.recovery import execution_lapsed, execution_recover
 from approvals.services import WAITING, approval_announce, approval_expire_if_due
 from billing.ledger import ledger
 from billing.models import Hold
+from core.callers import Caller
 from core.errors import Conflict, Expired, InvalidRequest, NotFound, PermissionDenied
-from core.models import ApiToken, Approval, Execution, Group, Tool, ToolExecution
+from core.models import Approval, Execution, Group, Tool, ToolExecution
 from core.runs import lease_deadline
 from core.sql import db_value, for_update, sql_instances, sql_update, table
 from core.tool_arguments import edit_param
@@ -133,7 +134,7 @@ class _RunLapsed(Exception):
 
 def approval_resume_claim(
     *,
-    token: ApiToken,
+    caller: Caller,
     approval: Approval,
     tools: dict[int, Tool],
     decisions: ApiDecisions,
@@ -142,19 +143,19 @@ def approval_resume_claim(
     """Apply the API's decisions and claim the approval for this resume, exactly once: the approval row is
     locked and its status checked under the lock, so a second or concurrent resume gets 409. The approval's
     hold becomes this request's, resized to `hold_amount_for(round)` (402 leaves the approval waiting). A
-    round with a tool outside `tools` (the tools the token may use, by id, with their secrets) is 403. An
+    round with a tool outside `tools` (the tools the caller may use, by id, with their secrets) is 403. An
     approval whose resuming run died is recovered first (approvals.recovery) and then claimed: it waits again.
     Lock order: the approval, then the account (as the page's decisions take them). `approval.group` must be
     loaded."""
     try:
-        return _claim(token, approval, tools, decisions, hold_amount_for)
+        return _claim(caller, approval, tools, decisions, hold_amount_for)
     except _RunLapsed:
         execution_recover(execution_id=approval.execution_id)
-        return _claim(token, approval, tools, decisions, hold_amount_for)
+        return _claim(caller, approval, tools, decisions, hold_amount_for)
 
 
 def _claim(
-    token: ApiToken,
+    caller: Caller,
     approval: Approval,
     tools: dict[int, Tool],
     decisions: ApiDecisions,
@@ -170,8 +171,8 @@ def _claim(
             f" ON a.execution_id = e.id WHERE a.id = %s{for_update(of='a')}",
             [db_value(Approval, "id", approval.pk)],
         )[0]
-        if execution.token_id == token.pk:
-            execution.token = token  # the run's own token resumes it (its credit limit is at hand)
+        if caller.token is not None and execution.token_id == caller.token.pk:
+            execution.token = caller.token  # the run's own token resumes it (its credit limit is at hand)
         if execution.approval_status not in WAITING:
             if execution_lapsed(execution):
                 raise _RunLapsed()
@@ -181,7 +182,7 @@ def _claim(
         now = timezone.now()
         for te in round_calls:
             if te.id in verdicts:
-                _decision_write(te, verdicts[te.id], decisions, by=f"token:{token.name}", now=now)
+                _decision_write(te, verdicts[te.id], decisions, by=caller.label, now=now)
         approval.status, approval.resolved_at = Approval.Status.RESUMED, now
         sql_update(approval, ["status", "resolved_at"])
         if verdicts:

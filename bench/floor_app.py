@@ -26,23 +26,23 @@ from kitemesh_site.urls import urlpatterns as site_urlpatterns
 RAW_BODY = b'{"object": "floor"}'
 
 
-async def _group_for_run(token, group_id) -> GroupForRun:
+async def _group_for_run(caller, group_id) -> GroupForRun:
     """As a completion's start reads its group: from the worker's cache, else in a database thread."""
-    found = group_for_run_cached(token=token, group_id=group_id)
-    return (found or await in_db_thread(group_for_run_get, token=token, group_id=group_id))[1]
+    found = group_for_run_cached(caller=caller, group_id=group_id)
+    return (found or await in_db_thread(group_for_run_get, caller=caller, group_id=group_id))[1]
 
 
 class ViewFloorApi(ChatCompletionCreateApi):
     async def post(self, request: Request) -> HttpResponse:
         chat_request = chat_request_parse(_body(request))
-        await _group_for_run(request.auth, chat_request.group_id)
+        await _group_for_run(request.caller, chat_request.group_id)
         return _json_response({"object": "floor"})
 
 
 class UpstreamFloorApi(ChatCompletionCreateApi):
     async def post(self, request: Request) -> HttpResponse:
         chat_request = chat_request_parse(_body(request))
-        parts = await _group_for_run(request.auth, chat_request.group_id)
+        parts = await _group_for_run(request.caller, chat_request.group_id)
         endpoint = model_endpoint_get(parts.group.brain)
         reply = await provider_for(endpoint).complete(endpoint, chat_request.messages, {"max_tokens": 256})
         return _json_response({"object": "floor", "content": reply.content})

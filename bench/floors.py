@@ -63,17 +63,19 @@ def statements_loop(count: int, ledger: str) -> dict:
     from billing.pricing import call_worst_case, model_cost
     from chat.selectors import group_for_run_get
     from chat.services.executions import execution_finish, execution_start
+    from core.callers import Caller
     from core.config_version import config_guard
     from core.models import ApiToken, Execution, Step
 
     token = ApiToken.objects.filter(revoked_at__isnull=True).latest("id")
-    version, parts = group_for_run_get(token=token, group_id=uuid.UUID(GROUPS["chat_group"]))
+    caller = Caller(token.team, 0, token=token)
+    version, parts = group_for_run_get(caller=caller, group_id=uuid.UUID(GROUPS["chat_group"]))
     brain, messages = parts.group.brain, [{"role": "user", "content": PROMPT}]
     hold_amount = call_worst_case(brain, messages, [], settings.KITEMESH_DEFAULT_MAX_OUTPUT_TOKENS)
 
     def pair() -> None:
         start = execution_start(
-            token=token,
+            caller=caller,
             group=parts.group,
             mode="normal",
             request_id=f"req_{uuid.uuid4().hex}",

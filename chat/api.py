@@ -33,17 +33,17 @@ from chat.openapi import (
     execution_detail_schema,
     model_list_schema,
 )
-from chat.selectors import execution_for_token_get, group_list_for_token
+from chat.selectors import execution_for_token_get, group_list_for_caller
 from chat.services.rate_limits import request_admit, stream_admit, stream_release
 from chat.services.tokens import token_authenticate, token_error_first, token_recent
 from chat.wire.body import body_parse, client_request_id
 from chat.wire.requests import ChatRequest, chat_request_parse, resume_request_parse
 from chat.wire.responses import execution_body, token_credits_body
+from core.callers import Caller
 from core.db import connections_upkeep, in_db_thread
 from core.envelope import error_response
 from core.errors import NotFound
 from core.middleware import request_id_bind
-from core.models import ApiToken
 
 
 async def _sse_response(stream: AsyncIterator[bytes], slots: list[str]) -> StreamingHttpResponse:
@@ -94,17 +94,17 @@ async def _answer(run: Run | Replay, chat_request: ChatRequest, slots: list[str]
     return _json_response(await run_complete(run))
 
 
-class _Admitted:
+class Admitted:
     """Rate limits for one request: counts it, takes stream slots, and gives them back if the request
     ends before its stream starts (the stream releases them itself once it runs)."""
 
-    def __init__(self, token: ApiToken, stream: bool) -> None:
-        self.token, self.stream, self.slots = token, stream, []
+    def __init__(self, caller: Caller, stream: bool) -> None:
+        self.caller, self.stream, self.slots = caller, stream, []
 
     async def __aenter__(self) -> list[str]:
-        await request_admit(token=self.token)
+        await request_admit(caller=self.caller)
         if self.stream:
-            self.slots = await stream_admit(token=self.token)
+            self.slots = await stream_admit(caller=self.caller)
         return self.slots
 
     async def __aexit__(self, exc_type, exc, tb) -> None:
@@ -195,8 +195,7 @@ class ChatCompletionCreateApi(ApiView):
     @chat_completion_schema
     async def post(self, request: Request) -> HttpResponseBase:
         chat_request = chat_request_parse(_body(request))
-        token = request.auth
-        async with _Admitted(token, chat_request.stream) as slots:
+        async with Admitted(request.caller, chat_request.stream) as slots:
             run = await run_start(
                 caller=request.caller, request=chat_request, request_id=request._request.kitemesh_request_id
             )
@@ -208,8 +207,7 @@ class ChatResumeApi(ApiView):
     @chat_resume_schema
     async def post(self, request: Request) -> HttpResponseBase:
         resume = resume_request_parse(_body(request))
-        token = request.auth
-        async with _Admitted(token, resume.chat.stream) as slots:
+        async with Admitted(request.caller, resume.chat.stream) as slots:
             run = await run_resume(
                 caller=request.caller, resume=resume, request_id=request._request.kitemesh_request_id
             )
@@ -247,7 +245,7 @@ class ExecutionDetailApi(ApiView):
 class ModelListApi(ApiView):
     @model_list_schema
     def get(self, request: Request) -> Response:
-        groups = group_list_for_token(token=request.auth)
+        groups = group_list_for_caller(caller=request.caller)
         team = request.auth.team.name
         data = [{"id": g.model_id, "object": "model", "owned_by": team, "name": g.name} for g in groups]
         return Response({"object": "list", "data": data})

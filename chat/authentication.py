@@ -22,6 +22,7 @@ class ApiTokenAuthentication(BaseAuthentication):
         caller = token_authenticate(raw)
         if caller is None:
             raise AuthenticationFailed(INVALID_TOKEN_MESSAGE)
+        request._request.caller = caller  # as chat.api.ApiView.async_initial sets it on the async views
         return caller.token, caller.token
 
     def authenticate_header(self, request: Request) -> str:

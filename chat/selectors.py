@@ -1,4 +1,5 @@
-"""Read queries for the API: groups a token may use, and what a model call needs."""
+"""Read queries for the API and the chat pages: the groups a caller may use, what a model call needs, and a
+person's conversations."""
 
 import datetime
 import functools
@@ -11,6 +12,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from chat.engine.providers import ModelEndpoint
 from chat.models import Conversation
 from chat.services.config_cache import cached, keep, version_check
+from core.callers import Caller
 from core.errors import NotFound, PermissionDenied
 from core.models import ApiToken, CustomModel, Execution, Group, GroupAgent, GroupFallback, Team, Tool, VaultSecret
 from core.selectors import runs_in_token_scope
@@ -32,10 +34,10 @@ def _in_scope(obj: Group | Tool) -> bool:
 # (README, Benchmarks).
 
 
-def group_for_token_get(*, token: ApiToken, group_id: uuid.UUID, version: int) -> Group:
+def group_for_caller_get(*, caller: Caller, group_id: uuid.UUID, version: int) -> Group:
     """The group a request names, with its team and brain; 404 when the team has no such group, 403 when
-    the token's scope leaves it out."""
-    found = _groups_with_scope(token, group_id=group_id)
+    the caller's token's scope leaves it out."""
+    found = _groups_with_scope(caller, group_id=group_id)
     if not found:
         raise NotFound(f"The model 'group:{group_id}' does not exist.", param="model", code="model_not_found")
     group = found[0]
@@ -49,7 +51,8 @@ def group_for_token_get(*, token: ApiToken, group_id: uuid.UUID, version: int) -
 @functools.cache
 def _groups_with_scope_statement(*, one: bool) -> str:
     """A team's groups (`one` by id, else all by name), each with whether the token's scope covers it
-    (see _in_scope) and whether it has agents, tools and fallbacks."""
+    (see _in_scope; a member has no token, so no scope: every group) and whether it has agents, tools and
+    fallbacks."""
     group, agent, fallback = (m._meta.db_table for m in (Group, GroupAgent, GroupFallback))
     chosen, excluded, tools = (m._meta.db_table for m in (_TokenGroups, _TokenExcludedGroups, Group.tools.through))
     return (
@@ -63,9 +66,10 @@ def _groups_with_scope_statement(*, one: bool) -> str:
     )
 
 
-def _groups_with_scope(token: ApiToken, group_id: uuid.UUID | None = None) -> list[Group]:
-    """_groups_with_scope_statement's groups: the token's team's, or the one named."""
-    params = [token.pk, token.pk, token.pk, token.team_id]
+def _groups_with_scope(caller: Caller, group_id: uuid.UUID | None = None) -> list[Group]:
+    """_groups_with_scope_statement's groups: the caller's team's, or the one named."""
+    token_id = caller.token_id
+    params = [token_id, token_id, token_id, caller.team.pk]
     if group_id is not None:
         params.append(db_value(Group, "id", group_id))
     return sql_instances(Group, _groups_with_scope_statement(one=group_id is not None), params)
@@ -131,39 +135,40 @@ def team_get(*, team_id: int, version: int) -> Team:
     return found[0]
 
 
-def group_for_run_cached(*, token: ApiToken, group_id: uuid.UUID) -> tuple[int, GroupForRun] | None:
+def group_for_run_cached(*, caller: Caller, group_id: uuid.UUID) -> tuple[int, GroupForRun] | None:
     """(The configuration version they were read at, the parts) when this worker keeps them (no query:
     callable on the event loop). The parts are shared by the requests running them: read, never change."""
-    return cached(("group", token.pk, group_id))
+    return cached(("group", caller.scope_key, group_id))
 
 
-def group_for_run_get(*, token: ApiToken, group_id: uuid.UUID) -> tuple[int, GroupForRun]:
+def group_for_run_get(*, caller: Caller, group_id: uuid.UUID) -> tuple[int, GroupForRun]:
     """group_for_run_load through what this worker keeps, after checking the configuration's version;
     (that version, the parts). In a database thread."""
     version = version_check()
-    entry = cached(("group", token.pk, group_id))
+    entry = cached(("group", caller.scope_key, group_id))
     if entry is not None:
         return entry
-    parts = group_for_run_load(token=token, group_id=group_id, version=version)
-    keep(("group", token.pk, group_id), parts, version=version)
+    parts = group_for_run_load(caller=caller, group_id=group_id, version=version)
+    keep(("group", caller.scope_key, group_id), parts, version=version)
     return version, parts
 
 
-def group_for_run_load(*, token: ApiToken, group_id: uuid.UUID, version: int) -> GroupForRun:
-    """group_for_token_get, plus agents, tools and brain fallbacks (no query for what a group has none of)."""
-    group = group_for_token_get(token=token, group_id=group_id, version=version)
+def group_for_run_load(*, caller: Caller, group_id: uuid.UUID, version: int) -> GroupForRun:
+    """group_for_caller_get, plus agents, tools and brain fallbacks (no query for what a group has none of)."""
+    group = group_for_caller_get(caller=caller, group_id=group_id, version=version)
     group_key = [db_value(Group, "id", group.pk)]
     agents = sql_instances(GroupAgent, _by_group_statement(GroupAgent), group_key) if group.has_agents else []
     links = sql_instances(GroupFallback, _by_group_statement(GroupFallback), group_key) if group.has_fallbacks else []
     models = _models_with_secrets({a.model_id for a in agents} | {f.model_id for f in links})
     for agent in agents:
         agent.model = models[agent.model_id]
-    tools = tools_for_token_list(token=token, group=group) if group.has_tools else []
+    tools = tools_for_caller_list(caller=caller, group=group) if group.has_tools else []
     return GroupForRun(group=group, agents=agents, tools=tools, fallbacks=[models[f.model_id] for f in links])
 
 
-def group_list_for_token(*, token: ApiToken) -> list[Group]:
-    return [g for g in _groups_with_scope(token) if _in_scope(g)]
+def group_list_for_caller(*, caller: Caller) -> list[Group]:
+    """The groups of the caller's team it may use, by name."""
+    return [g for g in _groups_with_scope(caller) if _in_scope(g)]
 
 
 def model_endpoint_get(model: CustomModel) -> ModelEndpoint:
@@ -178,10 +183,11 @@ def model_endpoint_get(model: CustomModel) -> ModelEndpoint:
     )
 
 
-def tools_for_token_list(*, token: ApiToken, group: Group) -> list[Tool]:
-    """The group's tools this token lets the model use (the others are not offered at all), with
-    their auth secrets loaded."""
-    params = [token.pk, token.pk, token.pk, db_value(Group, "id", group.pk)]
+def tools_for_caller_list(*, caller: Caller, group: Group) -> list[Tool]:
+    """The group's tools the caller lets the model use (a token's scope may leave some out: they are not
+    offered at all), with their auth secrets loaded."""
+    token_id = caller.token_id
+    params = [token_id, token_id, token_id, db_value(Group, "id", group.pk)]
     tools = [t for t in sql_instances(Tool, _tools_with_scope_statement(), params) if _in_scope(t)]
     secrets = _secrets_by_id(t.auth_secret_id for t in tools)
     for tool in tools:

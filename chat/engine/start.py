@@ -25,12 +25,13 @@ from chat.engine.rounds import tool_specs
 from chat.engine.run import Run
 from chat.selectors import GroupForRun, group_for_run_cached, group_for_run_get, model_endpoint_get
 from chat.services.executions import ExecutionStart, execution_finish, execution_start
-from chat.services.tokens import Caller, token_reload
+from chat.services.members import caller_reload
 from chat.wire.requests import ChatRequest, ResumeRequest
+from core.callers import Caller
 from core.config_version import config_guard
 from core.db import db_future, in_db_thread
 from core.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
-from core.models import ApiToken, Approval, CustomModel, Execution, Group, Mode
+from core.models import Approval, CustomModel, Execution, Group, Mode
 
 _ATTEMPTS = 4  # starts refused because the configuration changed meanwhile, before the client is told to retry
 
@@ -50,12 +51,11 @@ async def run_start(*, caller: Caller, request: ChatRequest, request_id: str) ->
     since this worker read it (a token revoked, a group edited), nothing is written: the caller and the group
     are read again and the run sized again."""
     for _ in range(_ATTEMPTS):
-        token = caller.token
         version, parts = await _group_for_run(caller, request.group_id)
-        run = _run_sized(token, parts, request, request_id)
+        run = _run_sized(caller, parts, request, request_id)
         started = await _started(
             execution_start,
-            token=token,
+            caller=caller,
             group=parts.group,
             mode=run.mode,
             request_id=request_id,
@@ -67,7 +67,7 @@ async def run_start(*, caller: Caller, request: ChatRequest, request_id: str) ->
             guard=config_guard(min(version, caller.version)),
         )
         if started is None:
-            caller = await in_db_thread(token_reload, token=token)
+            caller = await in_db_thread(caller_reload, caller=caller)
             continue
         if started.replayed:
             return Replay(started.execution)
@@ -79,16 +79,16 @@ async def run_start(*, caller: Caller, request: ChatRequest, request_id: str) ->
 async def _group_for_run(caller: Caller, group_id: uuid.UUID) -> tuple[int, GroupForRun]:
     """What the caller may run of the group, and the configuration version it was read at: as this worker
     keeps it (no query), else read."""
-    kept = group_for_run_cached(token=caller.token, group_id=group_id)
-    return kept or await in_db_thread(group_for_run_get, token=caller.token, group_id=group_id)
+    kept = group_for_run_cached(caller=caller, group_id=group_id)
+    return kept or await in_db_thread(group_for_run_get, caller=caller, group_id=group_id)
 
 
-def _run_sized(token: ApiToken, parts: GroupForRun, request: ChatRequest, request_id: str) -> Run:
+def _run_sized(caller: Caller, parts: GroupForRun, request: ChatRequest, request_id: str) -> Run:
     """The run a request asks for, before its execution is recorded."""
     group, brain = parts.group, parts.group.brain
     mode = mode_resolve(group, request.mode, has_agents=bool(parts.agents), has_tools=bool(parts.tools))
     return Run(
-        execution=Execution(token=token, group=group),  # until execution_start records the run's own
+        execution=Execution(token=caller.token, user=caller.user, group=group),  # until execution_start records it
         hold=None,
         group=group,
         request=request,
@@ -145,7 +145,7 @@ async def run_resume(*, caller: Caller, resume: ResumeRequest, request_id: str) 
     """Claim the paused run for this resume (approvals.resume: its decisions applied, its hold taken, 402
     leaving the approval waiting) and continue it: the round's decided calls run first, then the resume's
     messages follow and the loop goes on. The group as the caller's configuration version has it."""
-    approval = await in_db_thread(approval_for_resume_get, team_id=caller.token.team_id, approval_id=resume.approval_id)
+    approval = await in_db_thread(approval_for_resume_get, team_id=caller.team.pk, approval_id=resume.approval_id)
     parts = await _group_for_resume(caller, approval)
     if approval.group_id != resume.chat.group_id:
         raise InvalidRequest(f"This approval belongs to 'group:{approval.group_id}'.", param="model")
@@ -156,7 +156,7 @@ async def run_resume(*, caller: Caller, resume: ResumeRequest, request_id: str) 
     max_tokens = chat.max_tokens or state["params"]["max_tokens"]
     claim: ResumeClaim = await in_db_thread(
         approval_resume_claim,
-        token=caller.token,
+        caller=caller,
         approval=approval,
         tools={tool.pk: tool for tool in parts.tools},
         decisions=ApiDecisions(approved=resume.approved, denied=resume.denied, edited=resume.edited),
@@ -186,11 +186,11 @@ async def run_resume(*, caller: Caller, resume: ResumeRequest, request_id: str) 
 
 async def _group_for_resume(caller: Caller, approval: Approval) -> GroupForRun:
     """The approval's group as the caller may run it (read again when this worker keeps it at another
-    version than the caller's); 404 for the approval when the token's scope leaves the group out."""
+    version than the caller's); 404 for the approval when a token's scope leaves the group out."""
     try:
         version, parts = await _group_for_run(caller, approval.group_id)
         if version != caller.version:
-            _, parts = await in_db_thread(group_for_run_get, token=caller.token, group_id=approval.group_id)
+            _, parts = await in_db_thread(group_for_run_get, caller=caller, group_id=approval.group_id)
     except (NotFound, PermissionDenied):
         raise approval_not_found(approval.pk) from None
     return parts

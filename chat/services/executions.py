@@ -13,9 +13,10 @@ from django.utils import timezone
 from approvals.recovery import execution_recover_if_lapsed
 from billing.ledger import Settlement, credits_round, holds_settle, ledger, steps_cost, steps_settled
 from billing.models import Hold
+from core.callers import Caller
 from core.envelope import error_record
 from core.errors import Conflict, InternalError, KiteMeshError
-from core.models import ApiToken, Execution, Group, Step, ToolExecution
+from core.models import Execution, Group, Step, ToolExecution
 from core.runs import lease_deadline, tool_calls_of
 from core.sql import Guard, guard_holds, sql_update
 
@@ -52,7 +53,7 @@ def _earlier_for_request_id(*, team_id: int, request_id: str, body_hash: str) ->
 
 def execution_start(
     *,
-    token: ApiToken,
+    caller: Caller,
     group: Group,
     mode: str,
     request_id: str,
@@ -76,7 +77,8 @@ def execution_start(
     execution = Execution(
         team_id=group.team_id,
         group=group,
-        token=token,
+        token=caller.token,
+        user=caller.user,
         request_id=request_id,
         client_request_id=client_request_id,
         request_hash=body_hash,

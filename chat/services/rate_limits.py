@@ -1,5 +1,6 @@
-"""Rate limits per token and per team: requests per minute (a fixed one-minute window) and concurrent
-streams. Counted in Redis when REDIS_URL is set, so every worker shares them; in this process otherwise."""
+"""Rate limits per token (or per person, on /chat/) and per team: requests per minute (a fixed one-minute
+window) and concurrent streams. Counted in Redis when REDIS_URL is set, so every worker shares them; in this
+process otherwise."""
 
 import time
 from dataclasses import dataclass
@@ -7,25 +8,29 @@ from dataclasses import dataclass
 from django.conf import settings
 
 from chat.engine.clients import per_loop
+from core.callers import Caller
 from core.errors import RateLimited
-from core.models import ApiToken
 
 STREAM_SLOT_TTL = 3600  # a worker that dies mid-stream frees its slots after this long (Redis only)
 
 
 @dataclass(frozen=True)
 class Limit:
-    key: str  # "token:12" or "team:3"
+    key: str  # "token:12", "user:5" or "team:3"
     requests_per_minute: int | None
     concurrent_streams: int | None
 
 
-def limits_for(token: ApiToken) -> list[Limit]:
-    """The token's own limits and its team's (both apply); limits left empty are no limit."""
-    return [
-        Limit(f"token:{token.pk}", token.requests_per_minute, token.concurrent_streams),
-        Limit(f"team:{token.team_id}", token.team.requests_per_minute, token.team.concurrent_streams),
-    ]
+def limits_for(caller: Caller) -> list[Limit]:
+    """The caller's own limits (its token's, or a person's from settings) and its team's: both apply;
+    limits left empty are no limit."""
+    team = caller.team
+    if caller.token is not None:
+        own = Limit(f"token:{caller.token.pk}", caller.token.requests_per_minute, caller.token.concurrent_streams)
+    else:
+        per_minute, streams = settings.KITEMESH_CHAT_REQUESTS_PER_MINUTE, settings.KITEMESH_CHAT_CONCURRENT_STREAMS
+        own = Limit(f"user:{caller.user.pk}", per_minute, streams)
+    return [own, Limit(f"team:{team.pk}", team.requests_per_minute, team.concurrent_streams)]
 
 
 class _LocalCounters:
@@ -84,11 +89,11 @@ def _counters_make() -> _LocalCounters | _RedisCounters:
 _counters = per_loop(_counters_make, close=lambda counters: counters.close())
 
 
-async def request_admit(*, token: ApiToken) -> None:
+async def request_admit(*, caller: Caller) -> None:
     """Count one request against every requests-per-minute limit; 429 with Retry-After when over."""
     now = time.time()
     window = int(now // 60)
-    for limit in limits_for(token):
+    for limit in limits_for(caller):
         if limit.requests_per_minute is None:
             continue
         if await _counters().hit(limit.key, window) > limit.requests_per_minute:
@@ -99,11 +104,11 @@ async def request_admit(*, token: ApiToken) -> None:
             )
 
 
-async def stream_admit(*, token: ApiToken) -> list[str]:
+async def stream_admit(*, caller: Caller) -> list[str]:
     """Take a stream slot under every concurrent-streams limit (429 when one is full); returns the keys
     to release with stream_release when the stream ends."""
     taken: list[str] = []
-    for limit in limits_for(token):
+    for limit in limits_for(caller):
         if limit.concurrent_streams is None:
             continue
         taken.append(limit.key)

@@ -5,7 +5,6 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.db import transaction
@@ -13,6 +12,7 @@ from django.utils import timezone
 
 from chat.selectors import team_get
 from chat.services.config_cache import cached, keep, version_check
+from core.callers import Caller
 from core.errors import AuthenticationError
 from core.models import ApiToken, Group, Team, Tool
 from core.sql import sql_instances, table
@@ -77,18 +77,6 @@ INVALID_TOKEN_MESSAGE = "Invalid, expired or revoked API token."
 # --- Who calls: the one rule for every API request (chat.api, chat.authentication) ---------------------------
 
 
-@dataclass(frozen=True)
-class Caller:
-    """Who calls: the live token of the request's bearer secret (with its team), read at configuration
-    version `version`. Not `confirmed` when it came from what this worker keeps, without a query
-    (token_recent): only a request whose write checks that version may act on it, and its errors wait for
-    the token to be confirmed (token_error_first)."""
-
-    token: ApiToken
-    version: int
-    confirmed: bool = True
-
-
 def token_authenticate(raw: str) -> Caller | None:
     """The caller of a bearer secret, or None when it is not a live token. Checks the configuration version
     first (one query; a revocation changes it) and reads the token only when this worker does not keep it
@@ -105,7 +93,7 @@ def token_authenticate(raw: str) -> Caller | None:
         keep(key, token, version=version)
     else:
         token = entry[1]
-    return Caller(token, version) if _token_usable(token, raw) else None
+    return Caller(token.team, version, token=token) if _token_usable(token, raw) else None
 
 
 def token_recent(raw: str) -> Caller | None:
@@ -115,7 +103,7 @@ def token_recent(raw: str) -> Caller | None:
     entry = cached(("token", raw[:LOOKUP_PREFIX_LENGTH]))
     if entry is None or not _token_usable(entry[1], raw):
         return None
-    return Caller(entry[1], entry[0], confirmed=False)
+    return Caller(entry[1].team, entry[0], token=entry[1], confirmed=False)
 
 
 def token_reload(*, token: ApiToken) -> Caller:
@@ -126,7 +114,7 @@ def token_reload(*, token: ApiToken) -> Caller:
     if fresh is None or fresh.pk != token.pk or not _token_live(fresh):
         raise AuthenticationError(INVALID_TOKEN_MESSAGE)
     keep(("token", token.prefix), fresh, version=version)
-    return Caller(fresh, version)
+    return Caller(fresh.team, version, token=fresh)
 
 
 def token_error_first(*, raw: str, error: Exception) -> Exception:

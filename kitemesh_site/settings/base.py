@@ -190,6 +190,10 @@ KITEMESH_CIRCUIT_COOLDOWN = float(os.environ.get("KITEMESH_CIRCUIT_COOLDOWN", "3
 KITEMESH_DB_THREADS = int(os.environ.get("KITEMESH_DB_THREADS", "4"))
 # Output-token cap sent upstream (and reserved for) when the client gives no max_tokens.
 KITEMESH_DEFAULT_MAX_OUTPUT_TOKENS = env_int("KITEMESH_DEFAULT_MAX_OUTPUT_TOKENS", 1024)
+# A person chatting on /chat/: the limits on each user (the team's limits apply too), and a message's length.
+KITEMESH_CHAT_REQUESTS_PER_MINUTE = env_int("KITEMESH_CHAT_REQUESTS_PER_MINUTE", 30)
+KITEMESH_CHAT_CONCURRENT_STREAMS = env_int("KITEMESH_CHAT_CONCURRENT_STREAMS", 3)
+KITEMESH_CHAT_MESSAGE_MAX_CHARS = env_int("KITEMESH_CHAT_MESSAGE_MAX_CHARS", 32000)
 # A working run renews a lease on its execution every third of this; a run whose lease lapsed had its
 # process die, and is recovered (SPEC §7; approvals.recovery).
 KITEMESH_RUN_LEASE_SECONDS = float(os.environ.get("KITEMESH_RUN_LEASE_SECONDS", "30"))

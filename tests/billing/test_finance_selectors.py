@@ -22,6 +22,7 @@ from billing.ledger import credits_grant, ledger
 from billing.models import LedgerEntry
 from chat.services.executions import execution_finish, execution_start
 from chat.services.tokens import token_create
+from core.callers import Caller
 from core.models import ApiToken, CustomModel, Execution, Group, Step, Team, Tool, ToolExecution
 from tests.conftest import Setup, make_setup
 
@@ -74,7 +75,7 @@ def record_run(
 ) -> Execution:
     """One request through the real services: start (hold), then finish (steps, release, one charge)."""
     start = execution_start(
-        token=token or setup.token,
+        caller=Caller(setup.team, 0, token=token or setup.token),
         group=group or setup.group,
         mode="normal",
         request_id=f"req_fin{next(_request_ids)}",
@@ -225,7 +226,7 @@ def test_a_charge_links_to_the_tool_executions_and_approval_it_paid_for(acme: Se
     )
     ada = User.objects.create_user("ada")
     start = execution_start(
-        token=acme.token,
+        caller=Caller(acme.team, 0, token=acme.token),
         group=acme.group,
         mode="normal",
         request_id="req_chain",
@@ -252,7 +253,7 @@ def test_a_charge_links_to_the_tool_executions_and_approval_it_paid_for(acme: Se
     )
     approval_decide(approval=paused.approval, tool_execution=pending, approve=True, reason="looks fine", actor=ada)
     claim = approval_resume_claim(
-        token=acme.token,
+        caller=Caller(acme.team, 0, token=acme.token),
         approval=paused.approval,
         tools={tool.pk: tool for tool in Tool.objects.all()},
         decisions=ApiDecisions(),

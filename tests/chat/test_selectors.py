@@ -7,14 +7,19 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from chat.selectors import group_for_run_get, group_list_for_token, team_get
+from chat.selectors import group_for_run_get, group_list_for_caller, team_get
 from chat.services.tokens import token_create
 from chat.services.vault import secret_set
+from core.callers import Caller
 from core.errors import NotFound, PermissionDenied
 from core.models import ApiToken, CustomModel, Group, GroupAgent, GroupFallback, Team, Tool, VaultSecret
 from core.sql import db_value, sql_instances
 from tests.conftest import Setup
 from tests.support.helpers import live_token
+
+
+def _caller(token: ApiToken) -> Caller:
+    return Caller(token.team, 0, token=token)
 
 
 def _fields(obj) -> dict:
@@ -62,7 +67,7 @@ def test_a_run_reads_its_group_with_agents_tools_and_fallbacks_in_order_and_noth
     hidden = tools[-1]
     token.excluded_tools.add(hidden)
 
-    parts = group_for_run_get(token=live_token(setup.raw_token), group_id=group.id)[1]
+    parts = group_for_run_get(caller=_caller(live_token(setup.raw_token)), group_id=group.id)[1]
     expected = _fields(Group.objects.get(pk=group.pk))
 
     with CaptureQueriesContext(connection) as lazy:
@@ -84,12 +89,12 @@ def test_a_token_that_selects_groups_reaches_only_those(setup: Setup):
     token, _ = token_create(team=setup.team, name="narrow")
     token.groups.add(other)
 
-    assert group_for_run_get(token=token, group_id=other.id)[1].group.name == "other"
+    assert group_for_run_get(caller=_caller(token), group_id=other.id)[1].group.name == "other"
     with pytest.raises(PermissionDenied):
-        group_for_run_get(token=token, group_id=setup.group.id)[1]
+        group_for_run_get(caller=_caller(token), group_id=setup.group.id)[1]
     token.excluded_groups.add(other)
     with pytest.raises(PermissionDenied):
-        group_for_run_get(token=token, group_id=other.id)[1]
+        group_for_run_get(caller=_caller(token), group_id=other.id)[1]
 
 
 def test_a_token_lists_the_groups_its_scope_covers_by_name(setup: Setup):
@@ -99,11 +104,11 @@ def test_a_token_lists_the_groups_its_scope_covers_by_name(setup: Setup):
     Group.objects.create(team=Team.objects.create(name="other"), name="elsewhere", brain=setup.brain)
     token = setup.token
 
-    assert [g.name for g in group_list_for_token(token=token)] == ["alpha", "support", "x", "zulu"]
+    assert [g.name for g in group_list_for_caller(caller=_caller(token))] == ["alpha", "support", "x", "zulu"]
     token.excluded_groups.add(hidden)
-    assert [g.name for g in group_list_for_token(token=token)] == ["alpha", "support", "zulu"]
+    assert [g.name for g in group_list_for_caller(caller=_caller(token))] == ["alpha", "support", "zulu"]
     token.groups.add(zulu, alpha)
-    assert [g.name for g in group_list_for_token(token=token)] == ["alpha", "zulu"]
+    assert [g.name for g in group_list_for_caller(caller=_caller(token))] == ["alpha", "zulu"]
 
 
 def test_another_teams_group_is_not_found(setup: Setup):
@@ -111,7 +116,7 @@ def test_another_teams_group_is_not_found(setup: Setup):
     token, _ = token_create(team=outsider, name="outsider")
 
     with pytest.raises(NotFound):
-        group_for_run_get(token=token, group_id=setup.group.id)[1]
+        group_for_run_get(caller=_caller(token), group_id=setup.group.id)[1]
 
 
 def test_a_missing_team_is_an_error_as_the_orm_would_raise(db):
