@@ -27,6 +27,7 @@ from core.tool_arguments import ToolArgumentsInvalid, arguments_hash, tool_argum
 _CALL_ID_LENGTH = ToolExecution._meta.get_field("call_id").max_length
 _TOOL_NAME_LENGTH = ToolExecution._meta.get_field("tool_name").max_length
 _COMPLETED = (ToolExecution.Status.SUCCEEDED, ToolExecution.Status.FAILED)
+RUNNING, SUCCEEDED, FAILED, DENIED = "running", "succeeded", "failed", "denied"  # a call's progress
 UNKNOWN_OUTCOME = (
     "The outcome of this tool call is unknown: KiteMesh stopped while sending it, so it may or may not have "
     "taken effect. It was not sent again."
@@ -92,25 +93,47 @@ async def tools_run(run: Run, calls: list[ToolExecution]) -> AsyncIterator[Progr
         async for progress in delegations_run(run, delegations, contents):
             yield progress
     others = [c for c in calls if c.id not in contents]
-    for call, content in zip(others, await asyncio.gather(*(tool_message(run, c) for c in others)), strict=True):
+    for call in others:
+        if call.tool is not None and _will_send(call):
+            yield Progress(tool=call.tool_name, status=RUNNING)
+    async for call, content, status in _as_completed(run, others):
         contents[call.id] = content
+        yield Progress(tool=call.tool_name, status=status)
     for call in calls:
         run.messages.append({"role": "tool", "tool_call_id": call.call_id, "content": contents[call.id]})
 
 
-async def tool_message(run: Run, call: ToolExecution) -> str:
-    """What the model is told of one call: its result, sending it first when it is due to be sent."""
+async def _as_completed(run: Run, calls: list[ToolExecution]) -> AsyncIterator[tuple[ToolExecution, str, str]]:
+    """The calls' (call, tool message, status), run in parallel, as each completes."""
+
+    async def one(call: ToolExecution) -> tuple[ToolExecution, str, str]:
+        return call, *await tool_message(run, call)
+
+    tasks = [asyncio.ensure_future(one(call)) for call in calls]
+    try:
+        for finished in asyncio.as_completed(tasks):
+            yield await finished
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def tool_message(run: Run, call: ToolExecution) -> tuple[str, str]:
+    """What the model is told of one call, and how it went (succeeded, failed, denied): its result,
+    sending it first when it is due to be sent."""
     if call.tool is None:
-        return json.dumps({"error": f"There is no tool named {call.tool_name!r} for this request."})
+        return json.dumps({"error": f"There is no tool named {call.tool_name!r} for this request."}), FAILED
     if call.status == ToolExecution.Status.DENIED:
         run.step_denied(call)
-        return json.dumps({"error": _denial(call)})
+        return json.dumps({"error": _denial(call)}), DENIED
     if call.status in _COMPLETED:  # before a crash: its result is kept, it is not sent again
-        return _recorded_result(call).model_content(**_edit_told(call))
+        status = SUCCEEDED if call.status == ToolExecution.Status.SUCCEEDED else FAILED
+        return _recorded_result(call).model_content(**_edit_told(call)), status
     if not _will_send(call):
-        return json.dumps({"error": UNKNOWN_OUTCOME})
+        return json.dumps({"error": UNKNOWN_OUTCOME}), FAILED
     if not await run.db(tool_execution_start, tool_execution=call):
-        return json.dumps({"error": "This tool call was already run."})
+        return json.dumps({"error": "This tool call was already run."}), FAILED
     started = time.monotonic()
     result = await _tool_result(call)
     run.step_tool(call, call.tool, result, started)
@@ -122,7 +145,7 @@ async def tool_message(run: Run, call: ToolExecution) -> str:
         body=result.body,
         error=result.error,
     )
-    return result.model_content(**_edit_told(call))
+    return result.model_content(**_edit_told(call)), SUCCEEDED if result.ok else FAILED
 
 
 def _edit_told(call: ToolExecution) -> dict:

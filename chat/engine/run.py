@@ -37,6 +37,14 @@ class Answer:
 
 
 @dataclass
+class Answered:
+    """The run's answer, settled: `body` is the final answer with its credits charged."""
+
+    reply: ModelReply
+    body: dict
+
+
+@dataclass
 class Pause:
     approval: Approval
     response: dict  # the pause answer, with its kitemesh approval_id, expires_at and credits_charged
@@ -44,10 +52,17 @@ class Pause:
 
 @dataclass
 class Progress:
-    """An agent started, finished or failed (SSE shows it as `kitemesh.progress`)."""
+    """An agent started, finished or failed, or a tool call runs, succeeded, failed or was denied (SSE shows
+    it as `kitemesh.progress`; the chat page as live reasoning)."""
 
-    agent: str
-    status: str  # started | done | failed
+    status: str  # agents: started | done | failed; tool calls: running | succeeded | failed | denied
+    agent: str = ""
+    tool: str = ""
+
+    def body(self) -> dict:
+        return (
+            {"agent": self.agent, "status": self.status} if self.agent else {"tool": self.tool, "status": self.status}
+        )
 
 
 @dataclass

@@ -211,13 +211,17 @@ class ChatCompletion(_Answer):
 
 
 class Progress(_Answer):
-    agent: str
-    status: Literal["started", "done", "failed"]
+    """An agent's (`agent`: started, done, failed) or a tool call's (`tool`: running, succeeded, failed,
+    denied)."""
+
+    agent: str | None = None
+    tool: str | None = None
+    status: Literal["started", "done", "failed", "running", "succeeded", "denied"]
 
 
 class KitemeshChunkInfo(KitemeshInfo):
     """KiteMesh's part of a chunk: on the last chunk (with `credits_charged`), on the approval chunk, and on
-    agent progress chunks (`progress`, with an empty delta)."""
+    progress chunks of agents and tool calls (`progress`, with an empty delta)."""
 
     credits_charged: NonNegative | None = None
     progress: Progress | None = None

@@ -139,11 +139,9 @@ def stream_chat(http: httpx.Client, setup: Setup, **body) -> list[tuple[float, d
 
 
 def progress_of(chunks: list[dict]) -> list[tuple[str, str]]:
-    return [
-        (c["kitemesh"]["progress"]["agent"], c["kitemesh"]["progress"]["status"])
-        for c in chunks
-        if "progress" in c.get("kitemesh", {})
-    ]
+    """(agent or tool, status) of each progress chunk."""
+    progress = [c["kitemesh"]["progress"] for c in chunks if "progress" in c.get("kitemesh", {})]
+    return [(p.get("agent") or p["tool"], p["status"]) for p in progress]
 
 
 def is_text(chunk: dict) -> bool:
@@ -934,7 +932,13 @@ def test_orchestration_resume_as_a_stream_reports_the_delegation_progress_then_t
         assert response.status_code == 200
         chunks = sse_chunks(response)
 
-    assert progress_of(chunks) == [("critic", "started"), ("critic", "done")]
+    # The delegation's agent, then the approved tool call, each as it starts and ends.
+    assert progress_of(chunks) == [
+        ("critic", "started"),
+        ("critic", "done"),
+        ("create_ticket", "running"),
+        ("create_ticket", "succeeded"),
+    ]
     assert "".join(c["choices"][0]["delta"]["content"] for c in chunks if is_text(c)) == "Reviewed and filed."
     assert chunks[-1]["kitemesh"]["execution_id"] == pause["kitemesh"]["execution_id"]
     assert chunks[-1]["kitemesh"]["mode"] == "orchestration"
