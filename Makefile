@@ -29,6 +29,8 @@ run: $(VENV)/.installed
 	echo "    -H 'Authorization: Bearer '$$token -H 'Content-Type: application/json' \\"; \
 	echo "    -d '{\"model\": \"group:00000000-0000-4000-8000-000000000001\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'"; \
 	echo
+	@password=$$($(PY) manage.py add_member --team demo --username demo --approver --new-password | tail -n 1); \
+	echo "Chat in the browser: http://$(HOST):$(PORT)/chat/ (user demo, password shown once: $$password)"; echo
 	@# The worker (webhook deliveries, crash recovery, approval expiry) runs beside the server and stops with it.
 	export KITEMESH_TOOL_HOST_ALLOWLIST=$${KITEMESH_TOOL_HOST_ALLOWLIST:-127.0.0.1}; \
 	$(PY) manage.py worker --verbosity 0 & worker=$$!; trap 'kill $$worker 2>/dev/null' EXIT INT TERM; \

@@ -8,7 +8,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser, Permission
 from django.db.models import Exists, OuterRef, Prefetch, Q, QuerySet
 from django.utils import timezone
 
@@ -57,6 +58,17 @@ def approver_team_ids(*, user: AbstractBaseUser | AnonymousUser) -> list[int]:
         return []
     teams = team_list_for_user(user=user, every_team=user.is_superuser)
     return list(teams.values_list("id", flat=True))
+
+
+def approver_names_list(*, team_id: int) -> list[str]:
+    """Who may decide the team's approvals on the page, by username: its active members with the permission
+    (directly or through an auth group), and superusers."""
+    app_label, codename = DECIDE_PERMISSION.split(".")
+    granted = {"content_type__app_label": app_label, "codename": codename}
+    allowed = Permission.objects.filter(**granted)
+    may = Q(user_permissions__in=allowed) | Q(groups__permissions__in=allowed)
+    users = get_user_model().objects.filter(is_active=True).filter((may & Q(teams=team_id)) | Q(is_superuser=True))
+    return sorted(set(users.values_list("username", flat=True)))
 
 
 def approver_teams_list(*, user: AbstractBaseUser | AnonymousUser) -> list[Team]:

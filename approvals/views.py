@@ -14,7 +14,7 @@ from django.utils.http import urlencode
 from django.views.decorators.http import require_GET, require_POST
 from django_eventstream.views import events as eventstream_events
 
-from approvals.events import page_channels, readable_channels
+from approvals.events import channels_readable, page_channels
 from approvals.forms import ApprovalDecisionForm
 from approvals.recovery import execution_recover_if_lapsed
 from approvals.selectors import (
@@ -146,12 +146,13 @@ def approval_history_view(request: HttpRequest) -> HttpResponse:
 
 @require_GET
 def approval_events_view(request: HttpRequest) -> HttpResponseBase:
-    """The SSE stream of the `channel`s asked for (`team-<id>`), each one a team the user approves for.
-    Refused with a plain 403 here (django-eventstream alone would answer 200 and an error event);
-    its channel manager checks the same rule again when the stream opens."""
+    """The SSE stream of the `channel`s asked for: `team-<id>` of teams the user approves for, or
+    `approval-<id>` of an approval the user's chat waits on (approvals.events.channels_readable). Refused
+    with a plain 403 here (django-eventstream alone would answer 200 and an error event); its channel
+    manager checks the same rule again when the stream opens."""
     channels = request.GET.getlist("channel")
     if not request.user.is_authenticated or not channels:
-        return HttpResponseForbidden("Log in as an approver and name the team channels to follow.")
-    if not set(channels) <= readable_channels(user=request.user):
-        return HttpResponseForbidden("You may follow only the teams you approve for.")
+        return HttpResponseForbidden("Log in and name the channels to follow.")
+    if not channels_readable(user=request.user, channels=channels):
+        return HttpResponseForbidden("You may follow only the teams you approve for and your own approvals.")
     return eventstream_events(request)

@@ -34,12 +34,11 @@ from chat.openapi import (
     model_list_schema,
 )
 from chat.selectors import execution_for_token_get, group_list_for_caller
-from chat.services.rate_limits import request_admit, stream_admit, stream_release
+from chat.services.rate_limits import Admitted, stream_release
 from chat.services.tokens import token_authenticate, token_error_first, token_recent
 from chat.wire.body import body_parse, client_request_id
 from chat.wire.requests import ChatRequest, chat_request_parse, resume_request_parse
 from chat.wire.responses import execution_body, token_credits_body
-from core.callers import Caller
 from core.db import connections_upkeep, in_db_thread
 from core.envelope import error_response
 from core.errors import NotFound
@@ -92,24 +91,6 @@ async def _answer(run: Run | Replay, chat_request: ChatRequest, slots: list[str]
     if chat_request.stream:
         return await _sse_response(run_stream(run), slots)
     return _json_response(await run_complete(run))
-
-
-class Admitted:
-    """Rate limits for one request: counts it, takes stream slots, and gives them back if the request
-    ends before its stream starts (the stream releases them itself once it runs)."""
-
-    def __init__(self, caller: Caller, stream: bool) -> None:
-        self.caller, self.stream, self.slots = caller, stream, []
-
-    async def __aenter__(self) -> list[str]:
-        await request_admit(caller=self.caller)
-        if self.stream:
-            self.slots = await stream_admit(caller=self.caller)
-        return self.slots
-
-    async def __aexit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            await stream_release(self.slots)
 
 
 class _JsonAnswers(BaseContentNegotiation):

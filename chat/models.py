@@ -40,6 +40,7 @@ class ConversationMessage(models.Model):
     execution = models.ForeignKey(
         Execution, null=True, blank=True, on_delete=models.SET_NULL, related_name="+", help_text="What answered."
     )
+    error = models.CharField(max_length=500, blank=True, help_text="Why the turn ended without its answer.")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

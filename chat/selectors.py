@@ -8,13 +8,27 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from django.contrib.auth.models import AbstractBaseUser
+from django.db.models import Prefetch
 
+from approvals.selectors import ApprovalDetail, approval_detail_get, approver_names_list, approver_team_ids
 from chat.engine.providers import ModelEndpoint
-from chat.models import Conversation
+from chat.models import Conversation, ConversationMessage
 from chat.services.config_cache import cached, keep, version_check
 from core.callers import Caller
 from core.errors import NotFound, PermissionDenied
-from core.models import ApiToken, CustomModel, Execution, Group, GroupAgent, GroupFallback, Team, Tool, VaultSecret
+from core.models import (
+    ApiToken,
+    Approval,
+    CustomModel,
+    Execution,
+    Group,
+    GroupAgent,
+    GroupFallback,
+    Step,
+    Team,
+    Tool,
+    VaultSecret,
+)
 from core.selectors import runs_in_token_scope
 from core.sql import M, db_value, sql_instances
 from core.vault import secret_value
@@ -226,14 +240,93 @@ def conversations_for_user_list(
 
 
 def conversation_for_user_get(*, user: AbstractBaseUser, conversation_id: uuid.UUID) -> Conversation:
-    """The user's own conversation with its messages, in a team the user still belongs to; 404 otherwise
-    (another person's conversation does not exist for them)."""
+    """The user's own conversation with its messages (each answer with its execution's steps and its
+    reasoning, see reasoning_lines), in a team the user still belongs to; 404 otherwise (another person's
+    conversation does not exist for them)."""
+    answers = ConversationMessage.objects.select_related("execution").prefetch_related("execution__steps")
     conversation = (
         Conversation.objects.filter(pk=conversation_id, user=user, team__members=user)
         .select_related("group", "team")
-        .prefetch_related("messages")
+        .prefetch_related(Prefetch("messages", queryset=answers))
         .first()
     )
     if conversation is None:
         raise NotFound(f"No conversation {conversation_id}.", code="conversation_not_found")
+    for message in conversation.messages.all():
+        message.reasoning = reasoning_lines(message.execution) if message.execution else []
     return conversation
+
+
+def member_groups_list(*, user: AbstractBaseUser) -> list[Group]:
+    """The groups a person may chat with: every group of the teams they are an active member of, by team
+    and name."""
+    if not user.is_active:
+        return []
+    return list(Group.objects.filter(team__members=user).select_related("team").order_by("team__name", "name"))
+
+
+def member_group_get(*, user: AbstractBaseUser, group_id: uuid.UUID) -> Group:
+    """A group of one of the user's teams; 404 for any other (as the API answers a group of another team)."""
+    group = Group.objects.filter(pk=group_id, team__members=user).select_related("team").first()
+    if group is None:
+        raise NotFound("There is no such group in your teams.", param="group", code="model_not_found")
+    return group
+
+
+_RUN_STATES = {
+    Execution.Status.RUNNING: "running",
+    Execution.Status.SUCCEEDED: "completed",
+    Execution.Status.PAUSED: "waiting for approval",
+}
+_STEP_STATES = {Step.Status.SUCCEEDED: "done", Step.Status.CANCELLED: "stopped"}
+
+
+def reasoning_lines(execution: Execution) -> list[str]:
+    """A turn's live reasoning as its page shows it once the run has ended, worded as the page's script
+    words it while the run works: the mode and the run's state, each agent's and tool call's outcome, the
+    credits charged. `execution.steps` is prefetched."""
+    lines = [f"{execution.mode.capitalize()} run: {_RUN_STATES.get(execution.status, 'interrupted')}"]
+    for step in execution.steps.all():
+        if step.kind == Step.Kind.TOOL_CALL:
+            status = step.status if step.status != Step.Status.CANCELLED else "stopped"
+            lines.append(f"Tool {step.model_name}: {status}")
+        elif step.agent:
+            lines.append(f"Agent {step.agent}: {_STEP_STATES.get(step.status, step.status)}")
+    lines.append(f"{execution.credits_charged} credit{'s' if execution.credits_charged != 1 else ''} charged")
+    return lines
+
+
+@dataclass
+class ApprovalCard:
+    """The approval a conversation's last turn waits on, as its page shows it: the calls (redacted, as on
+    /approvals/), whether this user may decide them there, and who can."""
+
+    detail: ApprovalDetail
+    can_decide: bool
+    approvers: list[str]
+
+    @property
+    def ready(self) -> bool:
+        """Every call decided (or its resumed run interrupted): the turn can continue."""
+        approval = self.detail.approval
+        if self.detail.expired:
+            return False
+        return approval.status == Approval.Status.INTERRUPTED or (
+            approval.status == Approval.Status.PENDING and self.detail.waiting == 0
+        )
+
+
+def approval_card_get(*, user: AbstractBaseUser, conversation: Conversation) -> ApprovalCard | None:
+    """The card of the approval the conversation's last answer waits on (pending, interrupted or expired);
+    None when it waits on none. `conversation.messages` is prefetched."""
+    last = next((m for m in reversed(conversation.messages.all()) if m.role == m.Role.ASSISTANT), None)
+    if last is None or last.execution_id is None:
+        return None
+    approval = Approval.objects.filter(execution_id=last.execution_id).order_by("-created_at").first()
+    if approval is None or approval.status == Approval.Status.RESUMED:
+        return None
+    return ApprovalCard(
+        detail=approval_detail_get(team_ids=[conversation.team_id], approval_id=approval.id),
+        can_decide=conversation.team_id in approver_team_ids(user=user),
+        approvers=approver_names_list(team_id=conversation.team_id),
+    )

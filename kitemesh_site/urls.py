@@ -34,6 +34,7 @@ urlpatterns = [
     path("approvals/", include("approvals.urls")),
     path("events/", approval_events_view, name="events"),  # the live approval queue (SSE)
     path("billing/", include("billing.urls")),
+    path("chat/", include("chat.urls")),
     path("", RedirectView.as_view(url="/approvals/", permanent=False)),
     re_path(r"^v1/", api_not_found_view),
 ]

@@ -48,12 +48,34 @@ def conversation_delete(*, conversation: Conversation) -> None:
 
 
 @transaction.atomic
+def user_message_write(
+    *, user: AbstractBaseUser, conversation: Conversation | None, group: Group, mode: str, text: str
+) -> Conversation:
+    """A turn's message, once its run has started: at the end of `conversation`, or (None) the first
+    message of a new one."""
+    if conversation is None:
+        return conversation_start(user=user, group=group, mode=mode, first_message=text)
+    message_add(conversation=conversation, role=ConversationMessage.Role.USER, content=text)
+    return conversation
+
+
+def assistant_message_write(*, conversation: Conversation, execution: Execution, content: str, error: str = "") -> None:
+    """The turn's answer (or where it stopped, and why): one assistant message per execution, which a
+    resumed run completes after its pause."""
+    error = error[:500]
+    answered = ConversationMessage.objects.filter(conversation=conversation, execution=execution)
+    if not answered.update(content=content, error=error):
+        role = ConversationMessage.Role.ASSISTANT
+        message_add(conversation=conversation, role=role, content=content, execution=execution, error=error)
+
+
+@transaction.atomic
 def message_add(
-    *, conversation: Conversation, role: str, content: str, execution: Execution | None = None
+    *, conversation: Conversation, role: str, content: str, execution: Execution | None = None, error: str = ""
 ) -> ConversationMessage:
     """A message at the end of the conversation, which moves to the top of its user's list."""
     message = ConversationMessage.objects.create(
-        conversation=conversation, role=role, content=content, execution=execution
+        conversation=conversation, role=role, content=content, execution=execution, error=error
     )
     Conversation.objects.filter(pk=conversation.pk).update(updated_at=message.created_at)
     return message

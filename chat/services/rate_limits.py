@@ -124,3 +124,22 @@ async def stream_admit(*, caller: Caller) -> list[str]:
 async def stream_release(keys: list[str]) -> None:
     for key in keys:
         await _counters().stream_close(key)
+
+
+class Admitted:
+    """Rate limits for one request (`async with Admitted(caller, stream) as slots`): counts it, takes
+    stream slots, and gives them back if the request ends before its stream starts (the stream releases
+    them itself once it runs)."""
+
+    def __init__(self, caller: Caller, stream: bool) -> None:
+        self.caller, self.stream, self.slots = caller, stream, []
+
+    async def __aenter__(self) -> list[str]:
+        await request_admit(caller=self.caller)
+        if self.stream:
+            self.slots = await stream_admit(caller=self.caller)
+        return self.slots
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            await stream_release(self.slots)
