@@ -22,7 +22,7 @@ from django.test import Client
 from django.utils import timezone
 
 from approvals import events
-from approvals.events import ALL_TEAMS_CHANNEL, ApprovalChannelManager, team_channel
+from approvals.events import ALL_TEAMS_CHANNEL, ApprovalChannelManager, approval_channel, team_channel
 from approvals.services import approval_decide, approval_pause
 from billing.ledger import ledger
 from billing.models import Hold
@@ -533,11 +533,14 @@ def test_events_are_sent_after_commit_with_ids_and_labels_only(acme, ticket, sen
 
     created = {"approval_id": str(approval.id), "group": "support", "waiting": 1}
     decided = {**created, "waiting": 0}
+    own = approval_channel(approval.id)  # what the page of the chat that waits on it listens to
     assert sent == [
         (team_channel(acme.team.id), "approval.created", created),
         (ALL_TEAMS_CHANNEL, "approval.created", created),  # what superusers' pages listen to
+        (own, "approval.created", created),
         (team_channel(acme.team.id), "approval.decided", decided),
         (ALL_TEAMS_CHANNEL, "approval.decided", decided),
+        (own, "approval.decided", decided),
     ]
     assert SECRET_ARGUMENT not in json.dumps(sent) and "Printer" not in json.dumps(sent)
 
