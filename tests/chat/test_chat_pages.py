@@ -380,3 +380,25 @@ def test_the_list_loads_more_beyond_20_and_renames_and_deletes_with_a_confirmati
     assert not Conversation.objects.filter(pk=target.pk).exists()
     assert Execution.objects.filter(pk=charged.pk).exists() and LedgerEntry.objects.filter(execution=charged).exists()
     assert Step.objects.filter(execution=charged).exists()
+
+
+def test_a_batch_groups_card_decides_all_calls_at_once(scene, abe):
+    Group.objects.filter(pk=scene.group.pk).update(approval_style=Group.ApprovalStyle.BATCH)
+    paused = abe.start(scene.group, "normal", '!tool health_check {}\n!tool health_check {"verbose": true}')
+    card, url = paused[-1]["card"], paused[0]["conversation"]["url"]
+    assert "Approve all" in card and "Deny all" in card and 'name="tool_execution" value="all"' in card
+    assert card.count('name="tool_execution"') == 1  # no per-call forms in batch
+
+    one = Approval.objects.get().tool_executions.first()
+    refused = abe.post(
+        f"{url}approvals/{Approval.objects.get().id}/decide/",
+        {"tool_execution": str(one.id), "decision": "approve"},
+        stream=True,
+    )
+    assert refused.status_code == 400 and "approve all or deny all" in refused.json()["error"]["message"]
+    resumed = abe.send(
+        f"{url}approvals/{Approval.objects.get().id}/decide/", {"tool_execution": "all", "decision": "approve"}
+    )
+    assert [(e.get("tool"), e["status"]) for e in resumed if e["type"] == "progress"].count(
+        ("health_check", "succeeded")
+    ) == 2
