@@ -3,6 +3,7 @@ server and work without JavaScript (a form posts; the page it redirects to holds
 script asks the same endpoints for a stream (`Accept: text/event-stream`) and shows the turn as it runs;
 refusals then come in the API's error shape, with its status. Thin: who may, one service, answer."""
 
+import datetime
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -59,14 +60,21 @@ def _conversation(user: AbstractBaseUser, conversation_id: uuid.UUID) -> Convers
 @require_GET
 @login_required
 def conversation_list_view(request: HttpRequest) -> HttpResponse:
-    before = parse_datetime(request.GET.get("before", "").replace(" ", "+"))
-    conversations, more = conversations_for_user_list(user=request.user, before=before)
+    conversations, more = conversations_for_user_list(user=request.user, before=_before(request.GET.get("before", "")))
     context = {
         "conversations": conversations,
         "next_before": conversations[-1].updated_at.isoformat() if more else "",
         "no_groups": _no_groups_reason(request.user),
     }
     return render(request, "chat/list.html", context)
+
+
+def _before(value: str) -> datetime.datetime | None:
+    """The "load more" link's moment; None (the newest) for anything else."""
+    try:
+        return parse_datetime(value.replace(" ", "+"))  # a "+" of the offset may arrive decoded as a space
+    except ValueError:
+        return None
 
 
 @require_GET

@@ -62,8 +62,10 @@ async def turn_send(
     """Start the turn of `text` after the conversation so far (None: a new conversation with `group` in
     `mode`, "" for the group's). Every refusal (400, 402, 403, 404, 429) is raised before anything is
     written or held; the message is written once the run has started."""
-    body = {"model": f"group:{group.pk}", "messages": [*conversation_history(conversation), _user(text)]}
-    body |= {"stream": stream, "metadata": {"mode": mode}} if mode else {"stream": stream}
+    messages = [*conversation_history(conversation), {"role": "user", "content": text}]
+    body = {"model": f"group:{group.pk}", "messages": messages, "stream": stream}
+    if mode:
+        body["metadata"] = {"mode": mode}
     request = chat_request_parse(body)
     async with Admitted(caller, stream) as slots:
         run = await run_start(caller=caller, request=request, request_id=request_id_new())
@@ -97,7 +99,8 @@ async def turn_events(turn: Turn) -> AsyncIterator[str | Progress | TurnEnd]:
                 if isinstance(event, Answered | Pause):
                     end = _end(event)
                     break
-                said.extend([event] if isinstance(event, str) else [])
+                if isinstance(event, str):
+                    said.append(event)
                 yield event
         await _answer_write(turn, end.text)
     except KiteMeshError as error:
@@ -118,10 +121,6 @@ async def turn_complete(turn: Turn) -> TurnEnd:
         if isinstance(event, TurnEnd):
             return event
     raise AssertionError("turn_events ends with a TurnEnd")
-
-
-def _user(text: str) -> dict:
-    return {"role": "user", "content": text}
 
 
 def _end(event: Answered | Pause) -> TurnEnd:

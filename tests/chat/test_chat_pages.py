@@ -402,3 +402,10 @@ def test_a_batch_groups_card_decides_all_calls_at_once(scene, abe):
     assert [(e.get("tool"), e["status"]) for e in resumed if e["type"] == "progress"].count(
         ("health_check", "succeeded")
     ) == 2
+
+
+@pytest.mark.parametrize("before", ["2026-13-45T99:00:00", "yesterday", "9999-99-99", ""])
+def test_a_malformed_load_more_moment_shows_the_newest(scene, mia, before):
+    conversation_start(user=User.objects.get(username="mia"), group=scene.group, mode="normal", first_message="Latest")
+    page = mia.http.get("/chat/", params={"before": before})
+    assert page.status_code == 200 and "Latest" in page.text
