@@ -48,20 +48,29 @@ def conversation_delete(*, conversation: Conversation) -> None:
 
 
 @transaction.atomic
-def user_message_write(
-    *, user: AbstractBaseUser, conversation: Conversation | None, group: Group, mode: str, text: str
+def turn_messages_write(
+    *,
+    user: AbstractBaseUser,
+    conversation: Conversation | None,
+    group: Group,
+    mode: str,
+    text: str,
+    execution: Execution,
 ) -> Conversation:
-    """A turn's message, once its run has started: at the end of `conversation`, or (None) the first
-    message of a new one."""
+    """A turn's message, once its run has started, at the end of `conversation` (None: the first of a new
+    one), and the place of its answer, linked to the run: a reload while it works, or after its process
+    died, finds the turn and its state."""
     if conversation is None:
-        return conversation_start(user=user, group=group, mode=mode, first_message=text)
-    message_add(conversation=conversation, role=ConversationMessage.Role.USER, content=text)
+        conversation = conversation_start(user=user, group=group, mode=mode, first_message=text)
+    else:
+        message_add(conversation=conversation, role=ConversationMessage.Role.USER, content=text)
+    message_add(conversation=conversation, role=ConversationMessage.Role.ASSISTANT, content="", execution=execution)
     return conversation
 
 
 def assistant_message_write(*, conversation: Conversation, execution: Execution, content: str, error: str = "") -> None:
-    """The turn's answer (or where it stopped, and why): one assistant message per execution, which a
-    resumed run completes after its pause."""
+    """The turn's answer (or where it stopped, and why) in its execution's assistant message, which a resumed
+    run completes after its pause."""
     error = error[:500]
     answered = ConversationMessage.objects.filter(conversation=conversation, execution=execution)
     if not answered.update(content=content, error=error):

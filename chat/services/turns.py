@@ -14,7 +14,7 @@ from chat.engine.render import run_relay
 from chat.engine.run import Answered, Pause, Progress, Run
 from chat.engine.start import run_resume, run_start
 from chat.models import Conversation
-from chat.services.conversations import assistant_message_write, user_message_write
+from chat.services.conversations import assistant_message_write, turn_messages_write
 from chat.services.rate_limits import Admitted, stream_release
 from chat.wire.requests import chat_request_parse, resume_request_parse
 from core.callers import Caller
@@ -71,7 +71,13 @@ async def turn_send(
         run = await run_start(caller=caller, request=request, request_id=request_id_new())
         try:
             conversation = await in_db_thread(
-                user_message_write, user=caller.user, conversation=conversation, group=group, mode=mode, text=text
+                turn_messages_write,
+                user=caller.user,
+                conversation=conversation,
+                group=group,
+                mode=mode,
+                text=text,
+                execution=run.execution,
             )
         except BaseException as exc:
             await run.stopped(exc)
