@@ -409,3 +409,25 @@ def test_a_malformed_load_more_moment_shows_the_newest(scene, mia, before):
     conversation_start(user=User.objects.get(username="mia"), group=scene.group, mode="normal", first_message="Latest")
     page = mia.http.get("/chat/", params={"before": before})
     assert page.status_code == 200 and "Latest" in page.text
+
+
+def test_an_approver_edits_the_arguments_in_the_card_then_the_edited_call_runs(scene, abe):
+    paused = abe.start(scene.group, "normal", '!tool health_check {"verbose": true}')
+    url, approval = paused[0]["conversation"]["url"], Approval.objects.get()
+    call = approval.tool_executions.get()
+    decide = f"{url}approvals/{approval.id}/decide/"
+
+    bad = abe.post(
+        decide, {"tool_execution": str(call.id), "decision": "approve", "arguments": '{"verbose": "loud"}'}, stream=True
+    )
+    assert bad.status_code == 400 and "verbose" in bad.json()["error"]["message"]
+    call.refresh_from_db()
+    assert call.status == "pending" and call.arguments == '{"verbose": true}'
+
+    edited = '{"verbose": false}'
+    resumed = abe.send(decide, {"tool_execution": str(call.id), "decision": "approve", "arguments": edited})
+
+    assert resumed[-1]["state"] == "completed"
+    call.refresh_from_db()
+    assert (call.arguments, call.original_arguments, call.status) == (edited, '{"verbose": true}', "succeeded")
+    assert "edited_arguments" in answer_of(resumed)  # the model is told the approver changed them
