@@ -69,22 +69,19 @@ def turn_messages_write(
 
 
 def assistant_message_write(*, conversation: Conversation, execution: Execution, content: str, error: str = "") -> None:
-    """The turn's answer (or where it stopped, and why) in its execution's assistant message, which a resumed
-    run completes after its pause."""
-    error = error[:500]
-    answered = ConversationMessage.objects.filter(conversation=conversation, execution=execution)
-    if not answered.update(content=content, error=error):
-        role = ConversationMessage.Role.ASSISTANT
-        message_add(conversation=conversation, role=role, content=content, execution=execution, error=error)
+    """The turn's answer (or where it stopped, and why), in the message its start kept for it
+    (turn_messages_write), which a resumed run completes after its pause."""
+    answer = ConversationMessage.objects.filter(conversation=conversation, execution=execution)
+    answer.update(content=content, error=error[:500])
 
 
 @transaction.atomic
 def message_add(
-    *, conversation: Conversation, role: str, content: str, execution: Execution | None = None, error: str = ""
+    *, conversation: Conversation, role: str, content: str, execution: Execution | None = None
 ) -> ConversationMessage:
     """A message at the end of the conversation, which moves to the top of its user's list."""
     message = ConversationMessage.objects.create(
-        conversation=conversation, role=role, content=content, execution=execution, error=error
+        conversation=conversation, role=role, content=content, execution=execution
     )
     Conversation.objects.filter(pk=conversation.pk).update(updated_at=message.created_at)
     return message
