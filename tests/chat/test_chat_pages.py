@@ -431,3 +431,25 @@ def test_an_approver_edits_the_arguments_in_the_card_then_the_edited_call_runs(s
     call.refresh_from_db()
     assert (call.arguments, call.original_arguments, call.status) == (edited, '{"verbose": true}', "succeeded")
     assert "edited_arguments" in answer_of(resumed)  # the model is told the approver changed them
+
+
+@hypothesis_settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    tool_execution=st.text(max_size=40),
+    decision=st.text(max_size=12).filter(lambda d: d not in ("approve", "deny")),  # never a valid decision
+    reason=st.text(max_size=600),
+    arguments=st.text(max_size=200),
+)
+def test_hostile_decisions_in_the_card_get_a_clear_error_and_decide_nothing(
+    scene, abe, tool_execution, decision, reason, arguments
+):
+    if not Approval.objects.exists():
+        abe.start(scene.group, "normal", "!tool health_check {}")
+    approval = Approval.objects.get()
+    url = f"/chat/{Conversation.objects.get().id}/approvals/{approval.id}/decide/"
+    data = {"tool_execution": tool_execution, "decision": decision, "reason": reason, "arguments": arguments}
+
+    error = _refused(abe, url, data)
+
+    assert error["status"] == 400 and error["message"]
+    assert approval.tool_executions.get().status == "pending" and Execution.objects.count() == 1
