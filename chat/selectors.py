@@ -239,20 +239,25 @@ def conversations_for_user_list(
     return page[:limit], len(page) > limit
 
 
-def conversation_for_user_get(*, user: AbstractBaseUser, conversation_id: uuid.UUID) -> Conversation:
-    """The user's own conversation with its messages (each answer with its execution's steps and its
-    reasoning, see reasoning_lines), in a team the user still belongs to; 404 otherwise (another person's
-    conversation does not exist for them)."""
-    answers = ConversationMessage.objects.select_related("execution").prefetch_related("execution__steps")
+def conversation_for_user_get(
+    *, user: AbstractBaseUser, conversation_id: uuid.UUID, reasoning: bool = False
+) -> Conversation:
+    """The user's own conversation with its messages (each answer with its execution), in a team the user
+    still belongs to; 404 otherwise (another person's conversation does not exist for them). With
+    `reasoning` (the page), each answer also carries its execution's steps and its `reasoning` lines (see
+    reasoning_lines); a turn's request needs neither."""
+    messages = ConversationMessage.objects.select_related("execution")
+    if reasoning:
+        messages = messages.prefetch_related("execution__steps")
     conversation = (
         Conversation.objects.filter(pk=conversation_id, user=user, team__members=user)
         .select_related("group", "team")
-        .prefetch_related(Prefetch("messages", queryset=answers))
+        .prefetch_related(Prefetch("messages", queryset=messages))
         .first()
     )
     if conversation is None:
         raise NotFound(f"No conversation {conversation_id}.", code="conversation_not_found")
-    for message in conversation.messages.all():
+    for message in conversation.messages.all() if reasoning else ():
         message.reasoning = reasoning_lines(message.execution) if message.execution else []
     return conversation
 

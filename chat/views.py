@@ -47,9 +47,9 @@ def _streams(request: HttpRequest) -> bool:
     return STREAM in request.headers.get("Accept", "")
 
 
-def _conversation(user: AbstractBaseUser, conversation_id: uuid.UUID) -> Conversation:
+def _conversation(user: AbstractBaseUser, conversation_id: uuid.UUID, *, reasoning: bool = False) -> Conversation:
     try:
-        return conversation_for_user_get(user=user, conversation_id=conversation_id)
+        return conversation_for_user_get(user=user, conversation_id=conversation_id, reasoning=reasoning)
     except NotFound:
         raise Http404("No such conversation.") from None
 
@@ -64,7 +64,7 @@ def conversation_list_view(request: HttpRequest) -> HttpResponse:
     context = {
         "conversations": conversations,
         "next_before": conversations[-1].updated_at.isoformat() if more else "",
-        "no_groups": _no_groups_reason(request.user),
+        "no_groups": _no_groups_reason(request.user, member_groups_list(user=request.user)),
     }
     return render(request, "chat/list.html", context)
 
@@ -86,7 +86,7 @@ def conversation_new_view(request: HttpRequest) -> HttpResponse:
 @require_GET
 @login_required
 def conversation_view(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponse:
-    return _conversation_page(request, _conversation(request.user, conversation_id))
+    return _conversation_page(request, _conversation(request.user, conversation_id, reasoning=True))
 
 
 @require_GET
@@ -106,7 +106,7 @@ def _conversation_page(
     """The conversation (None: a new chat, with the group and mode pickers) and its message box; a refused
     message is kept in the box, its reason shown beside it."""
     if conversation is not None and _last_turn_recovered(conversation):
-        conversation = _conversation(request.user, conversation.id)
+        conversation = _conversation(request.user, conversation.id, reasoning=True)
     groups = member_groups_list(user=request.user) if conversation is None else []
     data = data or {}
     context = {
@@ -115,7 +115,7 @@ def _conversation_page(
         "several_teams": len({g.team_id for g in groups}) > 1,
         "modes": MODES,
         "picked": _picked(groups, data),
-        "no_groups": _no_groups_reason(request.user) if conversation is None and not groups else "",
+        "no_groups": _no_groups_reason(request.user, groups) if conversation is None else "",
         "card": approval_card_get(user=request.user, conversation=conversation) if conversation else None,
         "data": data,
         "error": error.message if error else "",
@@ -137,9 +137,9 @@ def _last_turn_recovered(conversation: Conversation) -> bool:
     return last is not None and execution_recover_if_lapsed(execution=last.execution)
 
 
-def _no_groups_reason(user: AbstractBaseUser) -> str:
-    """Why a person has no group to chat with, or "" when they have one."""
-    if member_groups_list(user=user):
+def _no_groups_reason(user: AbstractBaseUser, groups: list[Group]) -> str:
+    """Why a person has no group to chat with, or "" when they have one (`groups`: member_groups_list's)."""
+    if groups:
         return ""
     teams = [team.name for team in team_list_for_user(user=user, every_team=False)]
     if not teams:
@@ -354,5 +354,5 @@ async def _refused(request: HttpRequest, conversation_id: uuid.UUID | None, erro
 
 
 def _refused_page(*, request: HttpRequest, conversation_id: uuid.UUID | None, error: KiteMeshError) -> HttpResponse:
-    conversation = _conversation(request.user, conversation_id) if conversation_id else None
+    conversation = _conversation(request.user, conversation_id, reasoning=True) if conversation_id else None
     return _conversation_page(request, conversation, data=request.POST, error=error)

@@ -17,6 +17,7 @@ from chat.services.vault import secret_set
 from core.models import ApiToken, CustomModel, Group, Team
 from tests.support.browser import CHROMIUM_ARGS, chromium_or_skip
 from tests.support.live_server import LiveServer
+from tests.support.server_process import LEASE_SECONDS, ServerProcess
 from tests.support.tool_server import ToolServer
 from tests.support.upstream import FakeUpstream
 
@@ -125,6 +126,22 @@ def tool_server() -> Iterator[ToolServer]:
     server = ToolServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def servers() -> Iterator:
+    """Start KiteMesh processes (ServerProcess) with a short run lease (LEASE_SECONDS), as the crash tests
+    kill them; all are stopped at the test's end."""
+    started: list[ServerProcess] = []
+
+    def start() -> ServerProcess:
+        server = ServerProcess(env={"KITEMESH_RUN_LEASE_SECONDS": str(LEASE_SECONDS)})
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.close()
 
 
 @pytest.fixture(scope="module")

@@ -22,11 +22,10 @@ from chat.engine.rounds import UNKNOWN_OUTCOME
 from core.models import Approval, Execution, Step, Tool, ToolExecution
 from tests.conftest import Setup, make_setup
 from tests.support.helpers import wait_for
-from tests.support.server_process import ServerProcess
+from tests.support.server_process import LEASE_SECONDS, ServerProcess
 from tests.support.tool_server import ToolResponse, ToolServer
 from tests.support.upstream import FakeUpstream, Reply
 
-LEASE_SECONDS = 1.0
 ARGUMENTS = '{"priority": "high"}'
 TOOL_PRICE = 3
 BRAIN = {"input_per_1k": "10", "output_per_1k": "20"}
@@ -47,21 +46,6 @@ def crash_setup(transactional_db, upstream: FakeUpstream, tool_server: ToolServe
         )
         setup.group.tools.add(tool)
     return setup
-
-
-@pytest.fixture
-def servers():
-    """KiteMesh processes with a short lease, all stopped at the test's end."""
-    started: list[ServerProcess] = []
-
-    def start() -> ServerProcess:
-        server = ServerProcess(env={"KITEMESH_RUN_LEASE_SECONDS": str(LEASE_SECONDS)})
-        started.append(server)
-        return server.start()
-
-    yield start
-    for server in started:
-        server.close()
 
 
 def tool_call(name: str = "create_ticket", call_id: str = "call_1") -> dict:

@@ -5,7 +5,6 @@ nothing held, and the conversation goes on. Nothing but the database connects th
 import time
 
 import httpx
-import pytest
 from django.contrib.auth.hashers import PBKDF2PasswordHasher, make_password
 
 from billing.models import CreditAccount, Hold
@@ -13,24 +12,8 @@ from core.models import Execution
 from tests.approvals.test_pages import person
 from tests.conftest import Setup, make_setup
 from tests.support.chat import PagePerson, answer_of
-from tests.support.server_process import ServerProcess
+from tests.support.server_process import LEASE_SECONDS
 from tests.support.upstream import FakeUpstream, Reply
-
-LEASE_SECONDS = 1.0
-
-
-@pytest.fixture
-def servers():
-    started: list[ServerProcess] = []
-
-    def start() -> ServerProcess:
-        server = ServerProcess(env={"KITEMESH_RUN_LEASE_SECONDS": str(LEASE_SECONDS)})
-        started.append(server)
-        return server.start()
-
-    yield start
-    for server in started:
-        server.close()
 
 
 def test_a_turn_killed_mid_answer_reloads_as_interrupted_with_nothing_held(

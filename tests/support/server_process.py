@@ -19,6 +19,7 @@ from django.conf import settings
 from django.db import connection
 
 START_TIMEOUT = 30.0
+LEASE_SECONDS = 1.0  # the run lease of the `servers` fixture's processes: a killed run lapses fast
 STOP_TIMEOUT = 15.0
 
 
